@@ -1,0 +1,79 @@
+"""Checkpoints: atomic saves, ``weights_only=True`` loads, metadata as JSON.
+
+A kdsearch checkpoint is ``{"format", "state_dict", "metadata"}`` where metadata is a JSON string
+(dataset, normalisation, architecture, accuracies, hyperparameters). Everything in it is a tensor
+or a string, so ``torch.load(weights_only=True)`` reads it and never runs pickled code. A plain
+state_dict, as the tutorial's ``torch.save(model.state_dict(), ...)`` writes, loads too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdsearch.errors import UserError
+from kdsearch.fsutil import atomic_write
+
+FORMAT = "kdsearch-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """Weights plus what is needed to rebuild and trust them."""
+
+    state_dict: dict[str, Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write weights and metadata atomically: readers see the old file or the complete new one."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = {"format": FORMAT, "state_dict": state, "metadata": json.dumps(metadata, sort_keys=True)}
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a kdsearch checkpoint or a plain state_dict, refusing anything that needs pickle code."""
+    target = Path(path)
+    if not target.is_file():
+        raise UserError(f"checkpoint {target} does not exist")
+    try:
+        blob = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the file's fault, not ours
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds pickled objects other than tensors, refused for safety (weights_only=True)"
+        raise UserError(f"cannot load checkpoint {target}: {reason}") from None
+    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        try:
+            metadata = json.loads(blob["metadata"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise UserError(f"checkpoint {target} has unreadable metadata") from None
+        return Checkpoint(dict(blob["state_dict"]), metadata)
+    if isinstance(blob, dict) and blob and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in blob.items()):
+        return Checkpoint(dict(blob), {})
+    raise UserError(f"checkpoint {target} is neither a kdsearch checkpoint nor a state_dict")
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, *, source: str, model_name: str) -> None:
+    """Load weights strictly; a checkpoint of another architecture or class count is a user error."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in checkpoint.state_dict]
+    unexpected = [k for k in checkpoint.state_dict if k not in expected]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}")
+    for key, tensor in expected.items():
+        got = checkpoint.state_dict[key]
+        if tuple(got.shape) != tuple(tensor.shape):
+            raise UserError(
+                f"checkpoint {source} does not fit model {model_name}: {key} has shape {tuple(got.shape)}, "
+                f"the model needs {tuple(tensor.shape)} (another architecture, width or class count?)"
+            )
+    model.load_state_dict(checkpoint.state_dict, strict=True)

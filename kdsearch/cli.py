@@ -1,0 +1,200 @@
+"""The ``kdsearch`` command line: thin commands that parse options and call one function each.
+
+Every user mistake ends as one line on stderr and exit code 2 (``main`` turns ``UserError`` and
+click's usage errors into that); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from kdsearch.data import DATASETS
+from kdsearch.errors import UserError
+from kdsearch.strategies import METHODS
+
+EXIT_USAGE = 2
+
+
+def echo_error(message: str) -> None:
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    click.echo(f"kdsearch: error: {one_line}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the click group with errors flattened to one line and exit 2."""
+    try:
+        cli.main(args=argv, prog_name="kdsearch", standalone_mode=False)
+    except UserError as exc:
+        echo_error(str(exc))
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        echo_error(exc.format_message())
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        echo_error(exc.format_message())
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("kdsearch: interrupted", err=True)
+        sys.exit(130)
+
+
+def log(message: str) -> None:
+    click.echo(f"kdsearch: {message}", err=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]], list[str]]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        for line in lines(result):
+            click.echo(line)
+
+
+def parse_assignments(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    from kdsearch.spaces import parse_fixes
+
+    try:
+        return dict(parse_fixes(items))
+    except UserError as exc:
+        raise UserError(str(exc).replace("--fix", option)) from None
+
+
+def data_options(default_val_size: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The dataset options every command shares."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed([
+            click.option("--dataset", type=click.Choice(DATASETS), default="cifar10", show_default=True,
+                         help="cifar10/cifar100/fashion-mnist (torchvision format, downloaded if missing) or imagefolder."),
+            click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                         help="Dataset folder (imagefolder: train/<class>/ and test/<class>/)."),
+            click.option("--val-size", type=int, default=default_val_size, show_default=True,
+                         help="Train images held out for validation (fixed split; 0 = none)."),
+            click.option("--limit-train", type=int, default=None, help="Keep only N training images (quick runs)."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        ]):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kdsearch")
+def cli() -> None:
+    """Hyperparameter search for knowledge distillation, on Optuna."""
+
+
+@cli.command()
+@data_options(default_val_size=0)
+@click.option("--model", default="deepnn", show_default=True, help="deepnn or package.module:Class.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>.pt].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def teacher(dataset: str, data_dir: str | None, val_size: int, limit_train: int | None, device: str, model: str,
+            epochs: int, lr: float, batch_size: int, seed: int, out: str | None, as_json: bool, quiet: bool) -> None:
+    """Train the tutorial's teacher (10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
+    from kdsearch.data import load_splits
+    from kdsearch.loop import resolve_device
+    from kdsearch.models import resolve_model_class
+    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path, train_teacher
+
+    recipe = TeacherRecipe(model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    for name in ("epochs", "batch_size"):
+        if getattr(recipe, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(recipe, name)}")
+    if lr <= 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    resolve_model_class(model)
+    torch_device = resolve_device(device)
+    splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
+    path = Path(out) if out else default_teacher_path(splits, recipe)
+    result = train_teacher(splits.to(torch_device), recipe, torch_device, path, progress=not quiet and not as_json,
+                           data_settings={"val_size": val_size, "limit_train": limit_train, "data_dir": data_dir})
+    result["checkpoint"] = str(path)
+    emit(result, as_json, lambda r: [
+        f"teacher {r['model']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+        f"{r['params']:,} parameters, {sum(r['epoch_seconds']):.0f} s, saved to {r['checkpoint']}",
+    ])
+
+
+RUN_OPTIONS = ("method", "dataset", "data_dir", "val_size", "limit_train", "device", "epochs", "batch_size", "seed",
+               "teacher", "teacher_model", "student_model", "teacher_layer", "student_layer", "width")
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(METHODS), default="kd", show_default=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML/JSON run config (as `kdsearch export` writes); options given here override it.")
+@data_options(default_val_size=5000)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].")
+@click.option("--teacher-model", default=None, help="Teacher architecture [default: from the checkpoint, else deepnn].")
+@click.option("--student-model", default="lightnn", show_default=True, help="lightnn or package.module:Class.")
+@click.option("--teacher-layer", default="features", show_default=True, help="Teacher layer tapped for features.")
+@click.option("--student-layer", default="features", show_default=True, help="Student layer tapped for features.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Student width multiplier.")
+@click.option("--hp", "hp_items", multiple=True, metavar="NAME=VALUE",
+              help="A hyperparameter (repeatable), e.g. --hp temperature=4; unset ones take the tutorial's values.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the trained student here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train(ctx: click.Context, config_path: str | None, hp_items: tuple[str, ...], out: str | None, as_json: bool,
+          quiet: bool, **options: Any) -> None:
+    """Run one distillation with given hyperparameters and report test accuracy."""
+    from kdsearch.distill import RunConfig, config_from_dict, load_config
+    from kdsearch.distill import run_training
+
+    base = load_config(config_path).to_dict() if config_path else RunConfig().to_dict()
+    for name in RUN_OPTIONS:
+        if config_path is None or ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            base[name] = options[name]
+    base["hyperparameters"] = {**base.get("hyperparameters", {}), **parse_assignments(hp_items, "--hp")}
+    config = config_from_dict(base, origin=config_path or "from the command line")
+    result = run_training(config, out=Path(out) if out else None, progress=not quiet and not as_json, log=log)
+    emit(result, as_json, lambda r: [
+        f"{r['method']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+        f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
+        f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
+        "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(r["hyperparameters"].items())),
+    ] + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else []))
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True)
+@click.option("--model", default=None, help="deepnn, lightnn or package.module:Class [default: from the checkpoint].")
+@click.option("--width", type=float, default=None, help="Width multiplier [default: from the checkpoint, else 1].")
+@data_options(default_val_size=5000)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint: str, model: str | None, width: float | None, dataset: str, data_dir: str | None,
+             val_size: int, limit_train: int | None, device: str, as_json: bool) -> None:
+    """Report a checkpoint's test (and validation) accuracy."""
+    from kdsearch.distill import run_evaluation
+
+    result = run_evaluation(checkpoint, model, width, dataset=dataset, data_dir=data_dir, val_size=val_size,
+                            limit_train=limit_train, device=device)
+    emit(result, as_json, lambda r: [
+        f"{r['model']} from {r['checkpoint']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+        f"{r['params']:,} parameters",
+    ])

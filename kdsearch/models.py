@@ -1,0 +1,145 @@
+"""The tutorial's DeepNN teacher and LightNN student, and user models by import path.
+
+The classes keep the tutorial's module names (``features``, ``classifier``) and so its state_dict
+keys: a checkpoint saved by the tutorial's own code loads here unchanged. They are sized from the
+dataset (channels, image size, classes) instead of hard-coding CIFAR-10's 3x32x32 and 10 classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+
+from torch import nn
+
+from kdsearch.errors import UserError
+
+
+def _flat_size(channels: int, image_size: tuple[int, int], pools: int) -> int:
+    height, width = image_size
+    for _ in range(pools):
+        height, width = height // 2, width // 2
+    if height < 1 or width < 1:
+        raise UserError(f"images of {image_size[0]}x{image_size[1]} are too small for {pools} 2x2 poolings")
+    return channels * height * width
+
+
+class DeepNN(nn.Module):
+    """The tutorial's teacher: four 3x3 convs, two max-pools, a 512-unit classifier.
+
+    1,186,986 parameters on CIFAR-10.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 128, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(128, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(64, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_size(32, image_size, 2), 512),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x):  # noqa: ANN001, ANN201 - the tutorial's signature
+        x = self.features(x)
+        x = x.flatten(1)
+        return self.classifier(x)
+
+
+class LightNN(nn.Module):
+    """The tutorial's student: two 3x3 convs of 16 channels, a 256-unit classifier.
+
+    267,738 parameters on CIFAR-10 at ``width=1``. ``width`` scales every channel and hidden-unit
+    count (rounded, at least 1), so a search can trade accuracy for size.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), width: float = 1.0
+    ) -> None:
+        super().__init__()
+        if width <= 0:
+            raise UserError(f"--width must be positive, got {width}")
+        channels = max(1, round(16 * width))
+        hidden = max(1, round(256 * width))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_size(channels, image_size, 2), hidden),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):  # noqa: ANN001, ANN201 - the tutorial's signature
+        x = self.features(x)
+        x = x.flatten(1)
+        return self.classifier(x)
+
+
+REGISTERED: dict[str, type[nn.Module]] = {"deepnn": DeepNN, "lightnn": LightNN}
+
+
+def resolve_model_class(name: str) -> Callable[..., nn.Module]:
+    """A registered name (``deepnn``, ``lightnn``) or ``package.module:Class`` importable from the cwd."""
+    if name in REGISTERED:
+        return REGISTERED[name]
+    if ":" not in name:
+        raise UserError(f"unknown model {name!r}; use one of {', '.join(REGISTERED)} or package.module:Class")
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import model module {module_name!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if cls is None or not callable(cls):
+        raise UserError(f"module {module_name!r} has no class {attr!r}")
+    return cls
+
+
+def build_model(
+    name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int], width: float = 1.0
+) -> nn.Module:
+    """Instantiate a model, passing only the sizing arguments its constructor accepts."""
+    cls = resolve_model_class(name)
+    offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, "width": width}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_kwargs or k in params}
+    if width != 1.0 and "width" not in kwargs:
+        raise UserError(f"model {name!r} takes no width argument, so --width must stay 1")
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"cannot build model {name!r}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name!r} did not build a torch.nn.Module")
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

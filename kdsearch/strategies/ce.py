@@ -1,0 +1,24 @@
+"""``ce``: the student alone, trained on labels with cross-entropy. The baseline every KD run must beat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+
+
+class CrossEntropyLoss(nn.Module):
+    def forward(self, inputs: LossInputs) -> Tensor:
+        return cross_entropy(inputs)
+
+
+class CrossEntropy(Strategy):
+    name = "ce"
+    summary = "student alone on hard labels (no teacher)"
+    tutorial = {"lr": 1e-3}
+    space = dict(LEARNING_RATE_SPACE)
+
+    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> nn.Module:
+        return CrossEntropyLoss()

@@ -1,0 +1,70 @@
+"""``cosine``: align the student's flattened hidden features with the teacher's by cosine similarity.
+
+loss = w · mean(1 − cos(reduce(f_t), f_s)) + (1 − w) · CE(s, y)
+
+The tutorial flattens the student's conv output (1024) and the teacher's (2048), and average-pools
+the teacher's vector by 2 so the sizes match. Here the larger vector is pooled down to the smaller
+one's length with adaptive 1-D pooling (identical to the tutorial's when one size divides the
+other), by average or max (``reduce``), so any pair of layers can be aligned. Weights: one mixing
+weight, as in ``kd`` (see there for why).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from kdsearch.spaces import CategoricalParam, FloatParam
+from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+
+REDUCTIONS = ("avg", "max")
+
+
+def reduce_to(vectors: Tensor, size: int, how: str) -> Tensor:
+    """Pool (B, D) vectors to (B, size) along D: the tutorial's avg_pool1d, generalised."""
+    if vectors.shape[1] == size:
+        return vectors
+    pool = F.adaptive_avg_pool1d if how == "avg" else F.adaptive_max_pool1d
+    return pool(vectors.unsqueeze(1), size).squeeze(1)
+
+
+class CosineFeatureLoss(nn.Module):
+    def __init__(self, hidden_weight: float, ce_weight: float, reduce: str) -> None:
+        super().__init__()
+        self.hidden_weight = hidden_weight
+        self.ce_weight = ce_weight
+        self.reduce = reduce
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        assert inputs.student_features is not None and inputs.teacher_features is not None
+        student = inputs.student_features.flatten(1)
+        teacher = inputs.teacher_features.flatten(1)
+        size = min(student.shape[1], teacher.shape[1])
+        student, teacher = reduce_to(student, size, self.reduce), reduce_to(teacher, size, self.reduce)
+        hidden = (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+        return self.hidden_weight * hidden + self.ce_weight * cross_entropy(inputs)
+
+
+class CosineFeatures(Strategy):
+    name = "cosine"
+    summary = "cosine loss between flattened hidden features, the larger pooled to the smaller"
+    uses_features = True
+    tutorial = {"lr": 1e-3, "hidden_weight": 0.25, "reduce": "avg"}
+    optional = ("ce_weight",)
+    space = {
+        **LEARNING_RATE_SPACE,
+        "hidden_weight": FloatParam(0.0, 1.0),
+        "reduce": CategoricalParam(REDUCTIONS),
+    }
+
+    def check(self, hp: dict[str, Any]) -> None:
+        super().check(hp)
+        self.check_choice(hp, "reduce", REDUCTIONS)
+
+    def build_loss(
+        self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
+    ) -> nn.Module:
+        # Any pair of sizes can be pooled to the smaller one, so no shape check is needed here.
+        return CosineFeatureLoss(float(hp["hidden_weight"]), self.ce_weight(hp, "hidden_weight"), hp["reduce"])
