@@ -72,16 +72,32 @@ def data_options(default_val_size: int) -> Callable[[Callable[..., Any]], Callab
     """The dataset options every command shares."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed([
-            click.option("--dataset", type=click.Choice(DATASETS), default="cifar10", show_default=True,
-                         help="cifar10/cifar100/fashion-mnist (torchvision format, downloaded if missing) or imagefolder."),
-            click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                         help="Dataset folder (imagefolder: train/<class>/ and test/<class>/)."),
-            click.option("--val-size", type=int, default=default_val_size, show_default=True,
-                         help="Train images held out for validation (fixed split; 0 = none)."),
-            click.option("--limit-train", type=int, default=None, help="Keep only N training images (quick runs)."),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        ]):
+        for option in reversed(
+            [
+                click.option(
+                    "--dataset",
+                    type=click.Choice(DATASETS),
+                    default="cifar10",
+                    show_default=True,
+                    help="cifar10/cifar100/fashion-mnist (torchvision format, downloaded if missing) or imagefolder.",
+                ),
+                click.option(
+                    "--data-dir",
+                    type=click.Path(file_okay=False),
+                    default=None,
+                    help="Dataset folder (imagefolder: train/<class>/ and test/<class>/).",
+                ),
+                click.option(
+                    "--val-size",
+                    type=int,
+                    default=default_val_size,
+                    show_default=True,
+                    help="Train images held out for validation (fixed split; 0 = none).",
+                ),
+                click.option("--limit-train", type=int, default=None, help="Keep only N training images (quick runs)."),
+                click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+            ]
+        ):
             fn = option(fn)
         return fn
 
@@ -101,12 +117,29 @@ def cli() -> None:
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>.pt].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>.pt].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def teacher(dataset: str, data_dir: str | None, val_size: int, limit_train: int | None, device: str, model: str,
-            epochs: int, lr: float, batch_size: int, seed: int, out: str | None, as_json: bool, quiet: bool) -> None:
+def teacher(
+    dataset: str,
+    data_dir: str | None,
+    val_size: int,
+    limit_train: int | None,
+    device: str,
+    model: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    out: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Train the tutorial's teacher (10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
     from kdsearch.data import load_splits
     from kdsearch.loop import resolve_device
@@ -123,61 +156,120 @@ def teacher(dataset: str, data_dir: str | None, val_size: int, limit_train: int 
     torch_device = resolve_device(device)
     splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
     path = Path(out) if out else default_teacher_path(splits, recipe)
-    result = train_teacher(splits.to(torch_device), recipe, torch_device, path, progress=not quiet and not as_json,
-                           data_settings={"val_size": val_size, "limit_train": limit_train, "data_dir": data_dir})
+    result = train_teacher(
+        splits.to(torch_device),
+        recipe,
+        torch_device,
+        path,
+        progress=not quiet and not as_json,
+        data_settings={"val_size": val_size, "limit_train": limit_train, "data_dir": data_dir},
+    )
     result["checkpoint"] = str(path)
-    emit(result, as_json, lambda r: [
-        f"teacher {r['model']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
-        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
-        f"{r['params']:,} parameters, {sum(r['epoch_seconds']):.0f} s, saved to {r['checkpoint']}",
-    ])
+    emit(
+        result,
+        as_json,
+        lambda r: [
+            f"teacher {r['model']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+            + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+            f"{r['params']:,} parameters, {sum(r['epoch_seconds']):.0f} s, saved to {r['checkpoint']}",
+        ],
+    )
 
 
-RUN_OPTIONS = ("method", "dataset", "data_dir", "val_size", "limit_train", "device", "epochs", "batch_size", "seed",
-               "teacher", "teacher_model", "student_model", "teacher_layer", "student_layer", "width")
+RUN_OPTIONS = (
+    "method",
+    "dataset",
+    "data_dir",
+    "val_size",
+    "limit_train",
+    "device",
+    "epochs",
+    "batch_size",
+    "seed",
+    "teacher",
+    "teacher_model",
+    "student_model",
+    "teacher_layer",
+    "student_layer",
+    "width",
+)
 
 
 @cli.command()
 @click.option("--method", type=click.Choice(METHODS), default="kd", show_default=True)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML/JSON run config (as `kdsearch export` writes); options given here override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML/JSON run config (as `kdsearch export` writes); options given here override it.",
+)
 @data_options(default_val_size=5000)
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
-              help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].")
+@click.option(
+    "--teacher",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].",
+)
 @click.option("--teacher-model", default=None, help="Teacher architecture [default: from the checkpoint, else deepnn].")
 @click.option("--student-model", default="lightnn", show_default=True, help="lightnn or package.module:Class.")
 @click.option("--teacher-layer", default="features", show_default=True, help="Teacher layer tapped for features.")
 @click.option("--student-layer", default="features", show_default=True, help="Student layer tapped for features.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Student width multiplier.")
-@click.option("--hp", "hp_items", multiple=True, metavar="NAME=VALUE",
-              help="A hyperparameter (repeatable), e.g. --hp temperature=4; unset ones take the tutorial's values.")
+@click.option(
+    "--rank", type=int, default=1, show_default=True, help="Which config of an `export --top K` file (1 = best)."
+)
+@click.option(
+    "--hp",
+    "hp_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A hyperparameter (repeatable), e.g. --hp temperature=4; unset ones take the tutorial's values.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the trained student here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train(ctx: click.Context, config_path: str | None, hp_items: tuple[str, ...], out: str | None, as_json: bool,
-          quiet: bool, **options: Any) -> None:
+def train(
+    ctx: click.Context,
+    config_path: str | None,
+    rank: int,
+    hp_items: tuple[str, ...],
+    out: str | None,
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
     """Run one distillation with given hyperparameters and report test accuracy."""
-    from kdsearch.distill import RunConfig, config_from_dict, load_config
-    from kdsearch.distill import run_training
+    from kdsearch.distill import RunConfig, config_from_dict, load_config, run_training
 
-    base = load_config(config_path).to_dict() if config_path else RunConfig().to_dict()
+    base = load_config(config_path, rank).to_dict() if config_path else RunConfig().to_dict()
     for name in RUN_OPTIONS:
-        if config_path is None or ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+        if config_path is None or ctx.get_parameter_source(name) in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        ):
             base[name] = options[name]
     base["hyperparameters"] = {**base.get("hyperparameters", {}), **parse_assignments(hp_items, "--hp")}
     config = config_from_dict(base, origin=config_path or "from the command line")
     result = run_training(config, out=Path(out) if out else None, progress=not quiet and not as_json, log=log)
-    emit(result, as_json, lambda r: [
-        f"{r['method']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
-        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
-        f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
-        f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
-        "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(r["hyperparameters"].items())),
-    ] + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else []))
+    emit(
+        result,
+        as_json,
+        lambda r: (
+            [
+                f"{r['method']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+                + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+                f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
+                f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
+                "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(r["hyperparameters"].items())),
+            ]
+            + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else [])
+        ),
+    )
 
 
 @cli.command()
@@ -186,15 +278,198 @@ def train(ctx: click.Context, config_path: str | None, hp_items: tuple[str, ...]
 @click.option("--width", type=float, default=None, help="Width multiplier [default: from the checkpoint, else 1].")
 @data_options(default_val_size=5000)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint: str, model: str | None, width: float | None, dataset: str, data_dir: str | None,
-             val_size: int, limit_train: int | None, device: str, as_json: bool) -> None:
+def evaluate(
+    checkpoint: str,
+    model: str | None,
+    width: float | None,
+    dataset: str,
+    data_dir: str | None,
+    val_size: int,
+    limit_train: int | None,
+    device: str,
+    as_json: bool,
+) -> None:
     """Report a checkpoint's test (and validation) accuracy."""
     from kdsearch.distill import run_evaluation
 
-    result = run_evaluation(checkpoint, model, width, dataset=dataset, data_dir=data_dir, val_size=val_size,
-                            limit_train=limit_train, device=device)
-    emit(result, as_json, lambda r: [
-        f"{r['model']} from {r['checkpoint']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
-        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
-        f"{r['params']:,} parameters",
-    ])
+    result = run_evaluation(
+        checkpoint,
+        model,
+        width,
+        dataset=dataset,
+        data_dir=data_dir,
+        val_size=val_size,
+        limit_train=limit_train,
+        device=device,
+    )
+    emit(
+        result,
+        as_json,
+        lambda r: [
+            f"{r['model']} from {r['checkpoint']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+            + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+            f"{r['params']:,} parameters",
+        ],
+    )
+
+
+def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--storage",
+        envvar="KDSEARCH_STORAGE",
+        default=None,
+        help="SQLAlchemy URL [env KDSEARCH_STORAGE; default: sqlite:///studies/kdsearch.db].",
+    )(fn)
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(METHODS), required=True)
+@click.option("--trials", type=int, default=None, help="Trials to run in this process.")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
+@data_options(default_val_size=5000)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option(
+    "--seed", type=int, default=42, show_default=True, help="Seed of the sampler and of every trial's training."
+)
+@click.option("--study-name", default=None, help="[default: <method>-<dataset>]; an existing study gets more trials.")
+@study_options
+@click.option("--sampler", type=click.Choice(("tpe", "random", "cmaes", "grid")), default="tpe", show_default=True)
+@click.option(
+    "--pruner", type=click.Choice(("median", "hyperband", "percentile", "none")), default="median", show_default=True
+)
+@click.option(
+    "--pruner-startup", type=int, default=5, show_default=True, help="Trials completed before pruning starts."
+)
+@click.option(
+    "--pruner-warmup", type=int, default=None, help="Epochs before a trial can be pruned [default: epochs/4]."
+)
+@click.option(
+    "--space",
+    "space_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Search-space YAML/JSON (see studies/spaces/); overrides the method's defaults.",
+)
+@click.option("--fix", "fixes", multiple=True, metavar="NAME=VALUE", help="Pin a hyperparameter (repeatable).")
+@click.option(
+    "--teacher",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].",
+)
+@click.option("--teacher-model", default=None)
+@click.option("--student-model", default="lightnn", show_default=True)
+@click.option("--teacher-layer", default="features", show_default=True)
+@click.option("--student-layer", default="features", show_default=True)
+@click.option("--width", type=float, default=1.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def optimize(
+    trials: int | None,
+    timeout: float | None,
+    study_name: str | None,
+    storage: str | None,
+    sampler: str,
+    pruner: str,
+    pruner_startup: int,
+    pruner_warmup: int | None,
+    space_file: str | None,
+    fixes: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Search a strategy's hyperparameters with Optuna; the best student is kept as an artifact."""
+    from kdsearch.distill import config_from_dict
+    from kdsearch.search import run_search
+
+    config = config_from_dict(options, origin="from the command line")
+    summary = run_search(
+        config,
+        study_name=study_name,
+        storage_url=storage,
+        trials=trials,
+        timeout=timeout,
+        sampler_name=sampler,
+        pruner_name=pruner,
+        pruner_startup=pruner_startup,
+        pruner_warmup=pruner_warmup,
+        space_file=space_file,
+        fixes=fixes,
+        progress=not quiet,
+        log=log,
+    )
+    emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"study {s['study_name']} in {s['storage']}: {s['complete']} complete, {s['pruned']} pruned, "
+            f"{s['failed']} failed",
+            (
+                f"best: trial {s['best_trial']}, validation accuracy {s['best_value']:.2f}%, "
+                f"artifact {s['best_artifact_id']}"
+                if s["best_value"] is not None
+                else "no completed trial yet"
+            ),
+        ],
+    )
+
+
+@cli.command()
+@study_options
+@click.option("-f", "--format", "fmt", type=click.Choice(("table", "json", "yaml")), default="table", show_default=True)
+def studies(storage: str | None, fmt: str) -> None:
+    """List studies: method, dataset, trials by state, best value."""
+    from kdsearch.export import format_rows, list_studies
+
+    click.echo(format_rows(list_studies(storage), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True)
+@study_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write to FILE.yaml or FILE.json [default: print YAML].",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also save the best trial's student checkpoint here.",
+)
+@click.option("--top", type=int, default=1, show_default=True, help="Export the K best trials.")
+def export(study_name: str, storage: str | None, output: str | None, checkpoint: str | None, top: int) -> None:
+    """Export the best trial's config (feeds `kdsearch train --config`)."""
+    from kdsearch.export import export_study
+
+    text = export_study(storage, study_name, output=output, checkpoint=checkpoint, top=top)
+    if output is None:
+        click.echo(text.rstrip())
+
+
+@cli.command()
+@study_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+def dashboard(storage: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the study storage, with best-student checkpoints downloadable."""
+    from wsgiref.simple_server import make_server
+
+    from kdsearch.export import dashboard_app
+    from kdsearch.search import default_storage_url, redact
+
+    app = dashboard_app(storage)
+    try:
+        server = make_server(host, port, app)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    log(f"dashboard for {redact(storage or default_storage_url())} at http://{host}:{server.server_port}/")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

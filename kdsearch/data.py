@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
     return out.mul_((1.0 / (255.0 * s)).to(torch.float32)).add_((-m / s).to(torch.float32))
 
 
-def _make_split(images: Tensor, labels: Tensor, index: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Split:
+def _make_split(
+    images: Tensor, labels: Tensor, index: Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Split:
     if len(index) == len(labels) and bool((index == torch.arange(len(labels))).all()):
         return Split(normalise(images, mean, std), labels.clone(), index)  # whole set: no gather
     return Split(normalise(images[index], mean, std), labels[index].clone(), index)
@@ -239,7 +242,18 @@ def _decode_cifar(dataset: str, root: Path) -> DecodedDataset:
     return DecodedDataset(train_images, train_labels, test_images, test_labels, list(train.classes), fingerprint)
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -333,6 +347,14 @@ def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tenso
 
     The first image decides grayscale or RGB; every image must share its size.
     """
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates torchvision.io in favour of torchcodec; it is still the fastest
+        # JPEG path for torch<=2.14 here, and the decoded cache means it runs once per dataset.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_files_quietly(files)
+
+
+def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
     def fail(path: str, exc: Exception) -> UserError:
@@ -349,7 +371,7 @@ def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tenso
     jpeg_positions = [i for i, flag in enumerate(is_jpeg) if flag]
     if jpeg_positions:
         try:
-            for i, image in zip(jpeg_positions, decode_jpeg([raw[i] for i in jpeg_positions], mode=mode)):
+            for i, image in zip(jpeg_positions, decode_jpeg([raw[i] for i in jpeg_positions], mode=mode), strict=True):
                 decoded[i] = image
         except RuntimeError:
             pass  # one bad file fails the batch; the per-file pass below names it
@@ -360,7 +382,7 @@ def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tenso
             except RuntimeError as exc:
                 raise fail(files[i][0], exc) from None
     size = decoded[0].shape[1:]
-    for (path, *_), image in zip(files, decoded):
+    for (path, *_), image in zip(files, decoded, strict=True):
         if image.shape[1:] != size:
             raise UserError(
                 f"images differ in size: {path} is {image.shape[2]}x{image.shape[1]}, "
@@ -384,15 +406,21 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
             blob = torch.load(cache_path, weights_only=True)
             if blob.get("fingerprint") == fingerprint:
                 return DecodedDataset(
-                    blob["train_images"], blob["train_labels"], blob["test_images"], blob["test_labels"],
-                    list(blob["classes"]), fingerprint,
+                    blob["train_images"],
+                    blob["train_labels"],
+                    blob["test_images"],
+                    blob["test_labels"],
+                    list(blob["classes"]),
+                    fingerprint,
                 )
         except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
             pass
     train_images, train_labels = _decode_files(train_files)
     test_images, test_labels = _decode_files(test_files)
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise UserError(f"train images are {tuple(train_images.shape[1:])} but test images {tuple(test_images.shape[1:])}")
+        raise UserError(
+            f"train images are {tuple(train_images.shape[1:])} but test images {tuple(test_images.shape[1:])}"
+        )
     decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
     if cache_path is not None:
         blob = {

@@ -24,7 +24,14 @@ from kdsearch.loop import EpochReport, TeacherOutputs, evaluate, feature_shape, 
 from kdsearch.models import build_model, count_parameters
 from kdsearch.spaces import read_structured_file
 from kdsearch.strategies import get_strategy
-from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path, load_teacher, teacher_outputs, train_teacher
+from kdsearch.teacher import (
+    TeacherRecipe,
+    cache_dir,
+    default_teacher_path,
+    load_teacher,
+    teacher_outputs,
+    train_teacher,
+)
 
 
 @dataclass
@@ -76,7 +83,9 @@ PROVENANCE_KEYS = {"source", "kdsearch_version"}
 def config_from_dict(data: dict[str, Any], *, origin: str) -> RunConfig:
     unknown = set(data) - CONFIG_FIELDS - PROVENANCE_KEYS
     if unknown:
-        raise UserError(f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(CONFIG_FIELDS))}")
+        raise UserError(
+            f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(CONFIG_FIELDS))}"
+        )
     values = {k: v for k, v in data.items() if k in CONFIG_FIELDS}
     hp = values.get("hyperparameters", {})
     values["hyperparameters"] = dict(hp) if isinstance(hp, dict) else hp
@@ -91,9 +100,22 @@ def config_from_dict(data: dict[str, Any], *, origin: str) -> RunConfig:
     return config
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """A YAML or JSON run config, such as `kdsearch export` writes."""
-    return config_from_dict(read_structured_file(path, "config file"), origin=str(path))
+def load_config(path: str | Path, rank: int = 1) -> RunConfig:
+    """A YAML or JSON run config, such as `kdsearch export` writes.
+
+    A file from ``export --top K`` holds ``configs: [...]`` best first; ``rank`` picks one.
+    """
+    data = read_structured_file(path, "config file")
+    if "configs" in data:
+        configs = data["configs"]
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise UserError(f"config file {path}: 'configs' must be a list of run configs")
+        if not 1 <= rank <= len(configs):
+            raise UserError(f"config file {path} holds {len(configs)} configs; --rank {rank} is out of range")
+        data = configs[rank - 1]
+    elif rank != 1:
+        raise UserError(f"config file {path} holds one config; --rank {rank} is out of range")
+    return config_from_dict(data, origin=str(path))
 
 
 @dataclass
@@ -111,7 +133,11 @@ class Prepared:
 
 
 def resolve_teacher(
-    config: RunConfig, splits: TensorSplits, device: torch.device, *, progress: bool = False,
+    config: RunConfig,
+    splits: TensorSplits,
+    device: torch.device,
+    *,
+    progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """``--teacher PATH``, or the dataset's default teacher, trained once with the tutorial recipe."""
@@ -126,8 +152,9 @@ def resolve_teacher(
         if log is not None:
             log(f"no teacher for this dataset yet: training one ({recipe.epochs} epochs) into {path}")
         full = load_splits(config.dataset, config.data_dir, val_size=0, cache_dir=cache_dir())
-        train_teacher(full.to(device), recipe, device, path, progress=progress,
-                      data_settings={"val_size": 0, "limit_train": None})
+        train_teacher(
+            full.to(device), recipe, device, path, progress=progress, data_settings={"val_size": 0, "limit_train": None}
+        )
     return path
 
 
@@ -163,8 +190,11 @@ class StudentResult:
 
 def build_student(config: RunConfig, splits: TensorSplits) -> nn.Module:
     return build_model(
-        config.student_model, num_classes=splits.num_classes, in_channels=splits.in_channels,
-        image_size=splits.image_size, width=config.width,
+        config.student_model,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=splits.image_size,
+        width=config.width,
     )
 
 
@@ -192,10 +222,19 @@ def train_student(
         teacher_shape = tuple(prepared.teacher.features.shape[1:])
     loss_fn = prepare_module(strategy.build_loss(hp, student_shape, teacher_shape), device)
     reports = fit(
-        student, loss_fn, splits.train, epochs=config.epochs, batch_size=config.batch_size, lr=float(hp["lr"]),
-        seed=config.seed, device=device, teacher=prepared.teacher,
+        student,
+        loss_fn,
+        splits.train,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=float(hp["lr"]),
+        seed=config.seed,
+        device=device,
+        teacher=prepared.teacher,
         student_layer=config.student_layer if strategy.uses_features else None,
-        val=splits.val, on_epoch=on_epoch, progress=progress,
+        val=splits.val,
+        on_epoch=on_epoch,
+        progress=progress,
     )
     return StudentResult(student, hp, reports, count_parameters(student))
 
@@ -260,20 +299,34 @@ def run_training(
 
 
 def run_evaluation(
-    checkpoint: str, model_name: str | None, width: float | None, *, dataset: str, data_dir: str | None,
-    val_size: int, limit_train: int | None, device: str,
+    checkpoint: str,
+    model_name: str | None,
+    width: float | None,
+    *,
+    dataset: str,
+    data_dir: str | None,
+    val_size: int,
+    limit_train: int | None,
+    device: str,
 ) -> dict[str, Any]:
     """`kdsearch evaluate`: accuracy of any checkpoint (student, teacher or tutorial state_dict)."""
     loaded = load_checkpoint(checkpoint)
     meta = loaded.metadata
     name = model_name or meta.get("model")
     if name is None:
-        raise UserError(f"checkpoint {checkpoint} has no metadata naming its model; pass --model deepnn|lightnn|pkg.mod:Class")
+        raise UserError(
+            f"checkpoint {checkpoint} has no metadata naming its model; pass --model deepnn|lightnn|pkg.mod:Class"
+        )
     torch_device = resolve_device(device)
     splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
     chosen_width = width if width is not None else float(meta.get("width", 1.0))
-    model = build_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                        image_size=splits.image_size, width=chosen_width)
+    model = build_model(
+        name,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=splits.image_size,
+        width=chosen_width,
+    )
     load_weights(model, loaded, source=checkpoint, model_name=name)
     model = prepare_module(model, torch_device)
     splits = splits.to(torch_device)

@@ -54,7 +54,7 @@ class DeepNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - the tutorial's signature
+    def forward(self, x):
         x = self.features(x)
         x = x.flatten(1)
         return self.classifier(x)
@@ -90,7 +90,7 @@ class LightNN(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - the tutorial's signature
+    def forward(self, x):
         x = self.features(x)
         x = x.flatten(1)
         return self.classifier(x)

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -46,9 +46,9 @@ class CategoricalParam:
     choices: tuple[Any, ...]
 
 
-Param = Union[FloatParam, IntParam, CategoricalParam]
+Param = FloatParam | IntParam | CategoricalParam
 # A space entry is a distribution to sample or a constant to pin.
-Space = dict[str, Union[Param, float, int, str, bool]]
+Space = dict[str, Param | float | int | str | bool]
 
 
 def is_distribution(value: object) -> bool:
@@ -85,8 +85,11 @@ def parse_param(name: str, spec: object) -> Param | float | int | str | bool:
             return spec
         raise UserError(f"search space: {name} must be a mapping or a constant, got {spec!r}")
     kind = spec.get("type")
-    known = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},
-             "categorical": {"type", "choices"}}
+    known = {
+        "float": {"type", "low", "high", "log"},
+        "int": {"type", "low", "high", "step", "log"},
+        "categorical": {"type", "choices"},
+    }
     if kind not in known:
         raise UserError(f"search space: {name}.type must be float, int or categorical, got {kind!r}")
     extra = set(spec) - known[kind]
@@ -133,7 +136,9 @@ def read_structured_file(path: str | os.PathLike[str], what: str) -> dict[str, A
         data = json.loads(text) if target.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what} {target} is not valid {'JSON' if target.suffix == '.json' else 'YAML'}: {first}") from None
+        raise UserError(
+            f"{what} {target} is not valid {'JSON' if target.suffix == '.json' else 'YAML'}: {first}"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {target} must hold a mapping at the top level")
     return data

@@ -66,7 +66,12 @@ def default_teacher_path(splits: TensorSplits, recipe: TeacherRecipe) -> Path:
 
 
 def train_teacher(
-    splits: TensorSplits, recipe: TeacherRecipe, device: torch.device, out: Path, *, progress: bool = False,
+    splits: TensorSplits,
+    recipe: TeacherRecipe,
+    device: torch.device,
+    out: Path,
+    *,
+    progress: bool = False,
     data_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a teacher with cross-entropy through the shared loop; save weights + metadata atomically."""
@@ -77,8 +82,16 @@ def train_teacher(
     model = prepare_module(model, device)
     loss_fn = get_strategy("ce").build_loss({"lr": recipe.lr}, None, None)
     reports = fit(
-        model, loss_fn, splits.train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-        seed=recipe.seed, device=device, val=splits.val, progress=progress,
+        model,
+        loss_fn,
+        splits.train,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        device=device,
+        val=splits.val,
+        progress=progress,
     )
     test_accuracy = evaluate(model, splits.test, device)
     result = {
@@ -115,14 +128,20 @@ class LoadedTeacher:
     metadata: dict[str, Any]
 
 
-def load_teacher(path: str | os.PathLike[str], model_name: str | None, splits: TensorSplits, device: torch.device) -> LoadedTeacher:
+def load_teacher(
+    path: str | os.PathLike[str], model_name: str | None, splits: TensorSplits, device: torch.device
+) -> LoadedTeacher:
     """Load a kdsearch teacher checkpoint or a tutorial-style state_dict, checked against the data."""
     checkpoint = load_checkpoint(path)
     name = model_name or checkpoint.metadata.get("model", "deepnn")
     meta = checkpoint.metadata
     if meta.get("num_classes") not in (None, splits.num_classes):
-        raise UserError(f"teacher {path} was trained for {meta['num_classes']} classes; this dataset has {splits.num_classes}")
-    model = build_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size)
+        raise UserError(
+            f"teacher {path} was trained for {meta['num_classes']} classes; this dataset has {splits.num_classes}"
+        )
+    model = build_model(
+        name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
+    )
     load_weights(model, checkpoint, source=str(path), model_name=name)
     for p in model.parameters():
         p.requires_grad_(False)

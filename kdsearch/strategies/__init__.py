@@ -10,7 +10,9 @@ from kdsearch.strategies.cosine import CosineFeatures
 from kdsearch.strategies.kd import SoftTargets
 from kdsearch.strategies.regressor import FeatureRegressor
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (CrossEntropy(), SoftTargets(), CosineFeatures(), FeatureRegressor())}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (CrossEntropy(), SoftTargets(), CosineFeatures(), FeatureRegressor())
+}
 METHODS = tuple(STRATEGIES)
 
 

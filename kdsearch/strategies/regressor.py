@@ -65,8 +65,14 @@ class FeatureRegressor(Strategy):
     name = "regressor"
     summary = "trainable conv regressor from student to teacher feature map, matched by a distance"
     uses_features = True
-    tutorial = {"lr": 1e-3, "feature_weight": 0.25, "kernel_size": 3, "depth": 1, "hidden_channels": 32,
-                "distance": "mse"}
+    tutorial = {
+        "lr": 1e-3,
+        "feature_weight": 0.25,
+        "kernel_size": 3,
+        "depth": 1,
+        "hidden_channels": 32,
+        "distance": "mse",
+    }
     optional = ("ce_weight",)
     space = {
         **LEARNING_RATE_SPACE,
@@ -104,7 +110,11 @@ class FeatureRegressor(Strategy):
                 f"{student_features[1]}x{student_features[2]}, teacher {teacher_features[1]}x{teacher_features[2]}"
             )
         regressor = build_regressor(
-            student_features[0], teacher_features[0], int(hp["kernel_size"]), int(hp["depth"]), int(hp["hidden_channels"])
+            student_features[0],
+            teacher_features[0],
+            int(hp["kernel_size"]),
+            int(hp["depth"]),
+            int(hp["hidden_channels"]),
         )
         weight = float(hp["feature_weight"])
         return RegressorLoss(regressor, weight, self.ce_weight(hp, "feature_weight"), hp["distance"])

@@ -1,0 +1,497 @@
+"""The Optuna glue: storages, samplers, pruners, the objective, best-student artifacts.
+
+This is the one module (with ``export``) that imports optuna. A trial is: suggest hyperparameters
+from the strategy's space, run the shared training loop with ``trial.report`` / ``should_prune`` after
+every epoch, and, when the trial beats the study's best so far, upload the student's weights and
+config as an Optuna artifact. Studies live in any RDB storage Optuna supports (SQLite by default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+from kdsearch import __version__
+from kdsearch.checkpoints import save_checkpoint
+from kdsearch.distill import Prepared, RunConfig, prepare, student_metadata, train_student
+from kdsearch.errors import UserError
+from kdsearch.loop import DivergedError, EpochReport
+from kdsearch.spaces import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Space,
+    is_distribution,
+    load_space_file,
+    parse_fixes,
+    space_to_dict,
+)
+from kdsearch.strategies import Strategy, get_strategy
+from kdsearch.teacher import home_dir
+
+SAMPLERS = ("tpe", "random", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "percentile", "none")
+# Points per float parameter when --sampler grid must discretise a continuous range.
+GRID_POINTS = 4
+
+
+# --- storage ---------------------------------------------------------------------------------
+
+
+def default_storage_url() -> str:
+    """``KDSEARCH_STORAGE`` if set, else a SQLite file under the studies home."""
+    return os.environ.get("KDSEARCH_STORAGE") or f"sqlite:///{home_dir() / 'kdsearch.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked: what may appear in output, logs and exported files."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return url.split("@")[-1] if "@" in url else url
+
+
+def check_storage_url(url: str, *, create_parent: bool) -> None:
+    """Reject malformed URLs before anything connects or creates a file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(
+            f"malformed storage URL {redact(url)!r}; expected e.g. sqlite:///studies/kdsearch.db "
+            "or postgresql+psycopg2://user@host/db"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:":
+            raise UserError("an in-memory SQLite storage would lose the study; give a file, e.g. sqlite:///study.db")
+        parent = Path(database).parent
+        if not parent.exists():
+            if create_parent:
+                parent.mkdir(parents=True, exist_ok=True)
+            else:
+                raise UserError(f"storage directory {parent} does not exist")
+
+
+def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool = False) -> optuna.storages.RDBStorage:
+    """An RDB storage; SQLite waits for locks instead of failing, and dead workers' trials are retried."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_storage_url(url, create_parent=create_parent)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    heartbeat_kwargs: dict[str, Any] = {}
+    if heartbeat is not None:
+        heartbeat_kwargs = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": max(2 * heartbeat, heartbeat + 10),
+            "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        }
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+
+
+class ArtifactDirectory:
+    """A file-system artifact store with one folder per study (``<root>/<study>/<artifact id>``).
+
+    Uploads go to the study's folder; reads search every study's folder, so one store can serve
+    the dashboard for all studies in a storage. Implements optuna's ``ArtifactStore`` protocol.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], study_name: str = "_dashboard") -> None:
+        self.root = Path(root)
+        self.study_name = study_name
+
+    def _writer(self) -> FileSystemArtifactStore:
+        folder = self.root / safe_name(self.study_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileSystemArtifactStore(str(folder))
+
+    def _find(self, artifact_id: str) -> Path:
+        if "/" in artifact_id or artifact_id.startswith("."):
+            raise ArtifactNotFound(f"invalid artifact id {artifact_id!r}")
+        for path in self.root.glob(f"*/{artifact_id}"):
+            if path.is_file():
+                return path
+        raise ArtifactNotFound(f"artifact {artifact_id} not found under {self.root}")
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return open(self._find(artifact_id), "rb")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._writer().write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._find(artifact_id).unlink()
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+def artifact_root() -> Path:
+    return home_dir() / "artifacts"
+
+
+# --- spaces, samplers, pruners ---------------------------------------------------------------
+
+
+def build_space(strategy: Strategy, space_file: str | None, fixes: tuple[str, ...] | list[str]) -> Space:
+    """The strategy's default space, overlaid by the user's file, then ``--fix`` pins; all validated."""
+    space: Space = dict(strategy.space)
+    if space_file is not None:
+        user = load_space_file(space_file, strategy.name)
+        strategy.check_space(user)
+        space.update(user)
+    pins = parse_fixes(fixes)
+    strategy.check_space(dict(pins))
+    space.update(pins)
+    strategy.hyperparameters({k: v for k, v in space.items() if not is_distribution(v)})
+    return space
+
+
+def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
+    """Sample every distribution of ``space``; constants pass through (and are recorded as attrs)."""
+    hp: dict[str, Any] = {}
+    for name, param in space.items():
+        if isinstance(param, FloatParam):
+            hp[name] = trial.suggest_float(name, param.low, param.high, log=param.log)
+        elif isinstance(param, IntParam):
+            hp[name] = trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+        elif isinstance(param, CategoricalParam):
+            hp[name] = trial.suggest_categorical(name, list(param.choices))
+        else:
+            hp[name] = param
+    return hp
+
+
+def grid_of(space: Space) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for name, param in space.items():
+        if isinstance(param, FloatParam):
+            if param.log:
+                lo, hi = math.log(param.low), math.log(param.high)
+                grid[name] = [math.exp(lo + (hi - lo) * i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
+            else:
+                grid[name] = [param.low + (param.high - param.low) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+        elif isinstance(param, IntParam):
+            grid[name] = list(range(param.low, param.high + 1, param.step))
+        elif isinstance(param, CategoricalParam):
+            grid[name] = list(param.choices)
+    return grid
+
+
+def make_sampler(name: str, seed: int | None, space: Space) -> optuna.samplers.BaseSampler:
+    """TPE (multivariate, constant liar for parallel workers), random, CMA-ES or grid."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, warn_independent_sampling=False, independent_sampler=optuna.samplers.TPESampler(seed=seed)
+        )
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+    raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, epochs: int, startup: int, warmup: int | None) -> optuna.pruners.BasePruner:
+    """Median by default: no pruning in the first ``startup`` trials or before ``warmup`` epochs."""
+    warm = max(0, epochs // 4) if warmup is None else warmup
+    if startup < 0 or warm < 0:
+        raise UserError("--pruner-startup and --pruner-warmup must be 0 or more")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warm)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup, n_warmup_steps=warm)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+@dataclass
+class Objective:
+    """Train one student per trial; report every epoch; keep the best student as an artifact."""
+
+    prepared: Prepared
+    space: Space
+    artifacts: ArtifactDirectory
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        config = self.prepared.config
+        hp = suggest(trial, self.space)
+        trial.set_user_attr("seed", config.seed)
+        accuracies: list[float] = []
+        seconds: list[float] = []
+
+        def on_epoch(report: EpochReport) -> None:
+            assert report.val_accuracy is not None
+            accuracies.append(report.val_accuracy)
+            seconds.append(round(report.seconds, 3))
+            trial.set_user_attr("epoch_val_accuracy", accuracies)
+            trial.set_user_attr("epoch_seconds", seconds)
+            trial.report(report.val_accuracy, report.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {report.epoch} with {report.val_accuracy:.2f}%")
+
+        try:
+            result = train_student(self.prepared, hp, on_epoch=on_epoch)
+        except DivergedError as exc:
+            trial.set_user_attr("failure", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("params", result.params)
+        value = result.val_accuracy
+        assert value is not None
+        if self._is_best_so_far(trial, value):
+            self._keep_student(trial, result, value)
+        return value
+
+    def _is_best_so_far(self, trial: optuna.Trial, value: float) -> bool:
+        try:
+            return value > trial.study.best_value
+        except ValueError:  # no completed trial yet
+            return True
+
+    def _keep_student(self, trial: optuna.Trial, result: Any, value: float) -> None:
+        metadata = student_metadata(self.prepared, result) | {
+            "study": trial.study.study_name,
+            "trial": trial.number,
+            "val_accuracy": value,
+        }
+        tmp_dir = Path(tempfile.mkdtemp(prefix="kdsearch-"))
+        try:
+            path = tmp_dir / f"student-trial-{trial.number}.pt"
+            save_checkpoint(path, result.model, metadata)
+            artifact_id = upload_artifact(
+                artifact_store=self.artifacts,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        trial.set_user_attr("artifact_id", artifact_id)
+
+
+# --- running a study -------------------------------------------------------------------------
+
+# Study user attributes that must agree when a run adds trials to an existing study.
+IDENTITY_KEYS = (
+    "method",
+    "dataset",
+    "data_fingerprint",
+    "epochs",
+    "val_size",
+    "limit_train",
+    "batch_size",
+    "teacher_sha256",
+    "student_model",
+    "width",
+    "teacher_layer",
+    "student_layer",
+)
+
+
+def study_attributes(prepared: Prepared, space: Space) -> dict[str, Any]:
+    """Everything `export` needs to rebuild a run from the study alone."""
+    config = prepared.config
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None,
+        "data_fingerprint": prepared.splits.fingerprint,
+        "epochs": config.epochs,
+        "val_size": config.val_size,
+        "limit_train": config.limit_train,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "teacher": str(prepared.teacher_path.resolve()) if prepared.teacher_path else None,
+        "teacher_sha256": prepared.teacher_checksum,
+        "teacher_model": config.teacher_model,
+        "student_model": config.student_model,
+        "teacher_layer": config.teacher_layer,
+        "student_layer": config.student_layer,
+        "width": config.width,
+        "search_space": space_to_dict(space),
+        "kdsearch_version": __version__,
+    }
+
+
+def load_or_create_study(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    attrs: dict[str, Any],
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+) -> optuna.Study:
+    """Create the study, or add to it when its identity (method, data, teacher, space…) agrees."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        study = None
+    if study is not None:
+        existing = study.user_attrs
+        for key in IDENTITY_KEYS:
+            if key in existing and existing[key] != attrs[key]:
+                raise UserError(
+                    f"study {study_name!r} was created with {key}={existing[key]!r}, not {attrs[key]!r}; "
+                    f"use another --study-name"
+                )
+        return study
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {
+        "complete": states.count(TrialState.COMPLETE),
+        "pruned": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL),
+        "running": states.count(TrialState.RUNNING),
+    }
+
+
+def run_search(
+    config: RunConfig,
+    *,
+    study_name: str | None,
+    storage_url: str | None,
+    trials: int | None,
+    timeout: float | None,
+    sampler_name: str = "tpe",
+    pruner_name: str = "median",
+    pruner_startup: int = 5,
+    pruner_warmup: int | None = None,
+    space_file: str | None = None,
+    fixes: tuple[str, ...] | list[str] = (),
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """`kdsearch optimize`: validate everything, then open the study and run ``trials`` trials."""
+    if trials is not None and trials <= 0:
+        raise UserError(f"--trials must be positive, got {trials}")
+    if trials is None and timeout is None:
+        raise UserError("give --trials N or --timeout SECONDS (or both)")
+    if timeout is not None and timeout <= 0:
+        raise UserError(f"--timeout must be positive, got {timeout}")
+    if config.val_size <= 0:
+        raise UserError("a search needs a validation split to choose on: --val-size must be positive")
+    config.check()
+    strategy = get_strategy(config.method)
+    space = build_space(strategy, space_file, fixes)
+    sampler = make_sampler(sampler_name, config.seed, space)
+    pruner = make_pruner(pruner_name, config.epochs, pruner_startup, pruner_warmup)
+    url = storage_url or default_storage_url()
+    check_storage_url(url, create_parent=storage_url is None)
+    name = study_name or f"{config.method}-{config.dataset}"
+    prepared = prepare(config, progress=progress, log=log)
+    _check_feature_shapes(prepared, strategy, space)
+    storage = open_storage(url, create_parent=storage_url is None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar replaces per-trial log lines
+    study = load_or_create_study(storage, name, study_attributes(prepared, space), sampler, pruner)
+    objective = Objective(prepared, space, ArtifactDirectory(artifact_root(), name))
+    bar = _ProgressBar(trials, progress)
+    start = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[bar], gc_after_trial=False)
+    finally:
+        bar.close()
+    summary: dict[str, Any] = {
+        "study_name": name,
+        "storage": redact(url),
+        **counts(study),
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+    try:
+        best = study.best_trial
+        summary |= {
+            "best_value": best.value,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "best_artifact_id": best.user_attrs.get("artifact_id"),
+        }
+    except ValueError:
+        summary |= {"best_value": None, "best_trial": None, "best_params": {}, "best_artifact_id": None}
+    return summary
+
+
+def _check_feature_shapes(prepared: Prepared, strategy: Strategy, space: Space) -> None:
+    """Build the loss once with the space's first values so shape mismatches fail before the study exists."""
+    if not strategy.uses_features:
+        return
+    from kdsearch.distill import build_student
+    from kdsearch.loop import feature_shape
+
+    probe = {
+        k: (v.choices[0] if isinstance(v, CategoricalParam) else v.low if is_distribution(v) else v)
+        for k, v in space.items()
+    }
+    hp = strategy.hyperparameters(probe)
+    student = build_student(prepared.config, prepared.splits).to(prepared.device)
+    student_shape = feature_shape(student, prepared.config.student_layer, prepared.splits.train.images, prepared.device)
+    assert prepared.teacher is not None and prepared.teacher.features is not None
+    strategy.build_loss(hp, student_shape, tuple(prepared.teacher.features.shape[1:]))
+
+
+class _ProgressBar:
+    """Trials done, best value so far and pruned count, as a study callback."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="trial", dynamic_ncols=True)
+        self.pruned = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.bar is None:
+            return
+        if trial.state == TrialState.PRUNED:
+            self.pruned += 1
+        try:
+            best = f"{study.best_value:.2f}%"
+        except ValueError:
+            best = "-"
+        self.bar.set_postfix(best=best, pruned=self.pruned)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

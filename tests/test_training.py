@@ -1,0 +1,196 @@
+"""The shared loop, teacher checkpoints, and the teacher-output cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdsearch.checkpoints import load_checkpoint, save_checkpoint
+from kdsearch.data import load_splits
+from kdsearch.distill import RunConfig, prepare, train_student
+from kdsearch.errors import UserError
+from kdsearch.loop import DivergedError, TeacherOutputs, compute_teacher_outputs, evaluate, fit, prepare_module
+from kdsearch.models import DeepNN, LightNN
+from kdsearch.strategies import LossInputs, get_strategy
+from kdsearch.teacher import load_teacher, teacher_outputs
+
+CPU = torch.device("cpu")
+
+
+def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
+    torch.manual_seed(0)
+    model = prepare_module(LightNN(), CPU)
+    reports = fit(
+        model,
+        get_strategy("ce").build_loss({}, None, None),
+        splits.train,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        seed=0,
+        device=CPU,
+        val=splits.val,
+    )
+    assert [r.epoch for r in reports] == [1, 2]
+    assert all(r.seconds > 0 for r in reports)
+    assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0  # chance is 10 %
+    assert evaluate(model, splits.test, CPU) > 30.0
+
+
+def test_loop_is_reproducible_for_a_seed(pattern_folder: Path) -> None:
+    config = RunConfig(
+        method="ce",
+        dataset="imagefolder",
+        data_dir=str(pattern_folder),
+        val_size=50,
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+    )
+    prepared = prepare(config)
+    a = train_student(prepared, {})
+    b = train_student(prepared, {})
+    assert a.epochs[0].train_loss == b.epochs[0].train_loss
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+class NaNLoss(nn.Module):
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return inputs.student_logits.sum() * float("nan")
+
+
+def test_non_finite_loss_is_detected(pattern_folder: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=0)
+    with pytest.raises(DivergedError, match="diverged at epoch 1"):
+        fit(
+            prepare_module(LightNN(), CPU),
+            NaNLoss(),
+            splits.train,
+            epochs=1,
+            batch_size=64,
+            lr=1e-3,
+            seed=0,
+            device=CPU,
+        )
+
+
+def test_teacher_checkpoint_round_trip(pattern_teacher: Path, pattern_folder: Path) -> None:
+    checkpoint = load_checkpoint(pattern_teacher)
+    meta = checkpoint.metadata
+    assert meta["model"] == "deepnn" and meta["params"] == 1_186_986 and meta["num_classes"] == 10
+    assert meta["recipe"] == {"epochs": 3, "lr": 1e-3, "batch_size": 128, "seed": 42}
+    assert meta["test_accuracy"] > 10.0
+    splits = load_splits("imagefolder", pattern_folder, val_size=0)
+    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    assert evaluate(teacher.model, splits.test, CPU) == pytest.approx(meta["test_accuracy"])
+
+
+def test_a_tutorial_state_dict_loads_as_teacher(tmp_path: Path, pattern_folder: Path) -> None:
+    torch.manual_seed(42)
+    model = DeepNN(num_classes=10)
+    path = tmp_path / "tutorial_teacher.pth"
+    torch.save(model.state_dict(), path)  # what the tutorial's own code writes
+    splits = load_splits("imagefolder", pattern_folder, val_size=0)
+    teacher = load_teacher(path, None, splits, CPU)
+    x = splits.test.images[:4]
+    assert torch.allclose(teacher.model.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_checkpoints_of_another_architecture_or_class_count_are_refused(tmp_path: Path, pattern_folder: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=0)
+    light = tmp_path / "light.pt"
+    torch.save(LightNN().state_dict(), light)
+    with pytest.raises(UserError, match="does not fit model deepnn"):
+        load_teacher(light, None, splits, CPU)
+    five = tmp_path / "five.pt"
+    save_checkpoint(five, DeepNN(num_classes=5), {"model": "deepnn", "num_classes": 5})
+    with pytest.raises(UserError, match="5 classes"):
+        load_teacher(five, None, splits, CPU)
+    torch.save(DeepNN(num_classes=5).state_dict(), five)
+    with pytest.raises(UserError, match="classifier.3.weight has shape"):
+        load_teacher(five, None, splits, CPU)
+
+
+class Payload:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_payloads_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": DeepNN().state_dict(), "payload": Payload()}, path)
+    with pytest.raises(UserError, match="refused for safety"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_teacher_outputs_are_cached_once_and_keyed(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=50)
+    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    outputs, _ = teacher_outputs(teacher, splits, "features", CPU)
+    assert outputs.logits.shape == (250, 10) and outputs.features is not None
+    assert outputs.features.shape == (250, 32, 8, 8)
+    files = sorted((home / "cache" / "teacher").glob("*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again, _ = teacher_outputs(teacher, splits, "features", CPU)
+    assert torch.equal(again.logits, outputs.logits) and files[0].stat().st_mtime_ns == stamp
+    # Another layer, or another split, is another cache entry.
+    teacher_outputs(teacher, splits, "features.5", CPU)
+    teacher_outputs(teacher, load_splits("imagefolder", pattern_folder, val_size=60), "features", CPU)
+    assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 3
+    # A truncated cache file is detected and rebuilt, never trusted.
+    files[0].write_bytes(files[0].read_bytes()[:64])
+    rebuilt, _ = teacher_outputs(teacher, splits, "features", CPU)
+    assert torch.equal(rebuilt.logits, outputs.logits)
+
+
+def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=50)
+    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    cached, _ = teacher_outputs(teacher, splits, "features", CPU)
+    live_model = DeepNN()
+    live_model.load_state_dict(load_checkpoint(pattern_teacher).state_dict)
+    live_model.eval()
+    index = torch.tensor([5, 0, 17, 3, 99, 42])
+    live = compute_teacher_outputs(live_model, splits.train.images[index], "features", CPU)
+    student_logits = torch.randn(len(index), 10)
+    for method in ("kd", "cosine"):
+        strategy = get_strategy(method)
+        loss_fn = strategy.build_loss(strategy.hyperparameters({}), (16, 8, 8), (32, 8, 8))
+        labels = splits.train.labels[index]
+        student_features = torch.randn(len(index), 16, 8, 8)
+        from_cache = loss_fn(
+            LossInputs(student_logits, labels, student_features, cached.logits[index], cached.features[index])
+        )
+        from_live = loss_fn(LossInputs(student_logits, labels, student_features, live.logits, live.features))
+        assert torch.allclose(from_cache, from_live, atol=1e-6), method
+
+
+@pytest.mark.parametrize("method", ["kd", "cosine", "regressor"])
+def test_every_strategy_trains_through_the_loop(
+    method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    config = RunConfig(
+        method=method,
+        dataset="imagefolder",
+        data_dir=str(pattern_folder),
+        val_size=50,
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+        teacher=str(pattern_teacher),
+    )
+    prepared = prepare(config)
+    assert isinstance(prepared.teacher, TeacherOutputs)
+    result = train_student(prepared, {})
+    assert result.params == 267_738  # the regressor is not part of the student
+    assert result.val_accuracy is not None and 0.0 <= result.val_accuracy <= 100.0
