@@ -114,5 +114,5 @@ def test_offline_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
-    with pytest.raises(UserError, match="could not be downloaded.*--data-dir"):
+    with pytest.raises(UserError, match=r"could not be downloaded.*--data-dir"):
         load_splits("cifar10", tmp_path / "cifar")

@@ -88,7 +88,7 @@ def test_user_model_by_import_path_with_hooks(tmp_path: Path, monkeypatch: pytes
     assert features.shape == (3, 4, 32, 32)
     assert (features >= 0).all()  # it is the ReLU's output
     assert not model.body[1]._forward_hooks  # the hook is removed with the context
-    with pytest.raises(UserError, match="no layer 'nope'.*body, head"):
+    with pytest.raises(UserError, match=r"no layer 'nope'.*body, head"):
         FeatureTap(model, "nope")
     with pytest.raises(UserError, match="takes no width"):
         build_model("mynets:Tiny", num_classes=5, in_channels=3, image_size=(32, 32), width=0.5)
