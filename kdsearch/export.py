@@ -20,19 +20,47 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import __version__
 from kdsearch.errors import UserError
 from kdsearch.fsutil import atomic_write
-from kdsearch.search import ArtifactDirectory, artifact_root, counts, default_storage_url, open_storage, redact
+from kdsearch.search import (
+    ArtifactDirectory,
+    artifact_root,
+    check_storage_url,
+    counts,
+    default_storage_url,
+    open_storage,
+    redact,
+)
 
 FORMATS = ("table", "json", "yaml")
 
 
-def _storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        check_storage_url(url, create_parent=False)
+        raise
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database)
+    check_storage_url(url, create_parent=False)
+    return None
+
+
+def _storage(url: str | None) -> tuple[optuna.storages.BaseStorage | None, str]:
+    """Open a storage for reading; a SQLite file that does not exist yet is not created (None)."""
     url = url or default_storage_url()
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        return None, url
     return open_storage(url), url
 
 
 def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
     """One row per study: name, method, dataset, trial counts by state, best value."""
     storage, _ = _storage(storage_url)
+    if storage is None:
+        return []
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -77,6 +105,8 @@ def _cell(value: Any) -> str:
 
 def load_existing_study(storage_url: str | None, study_name: str) -> tuple[optuna.Study, str]:
     storage, url = _storage(storage_url)
+    if storage is None:
+        raise UserError(f"no study named {study_name!r} in {redact(url)}: the storage file does not exist yet")
     try:
         return optuna.load_study(study_name=study_name, storage=storage), url
     except KeyError:
@@ -169,5 +199,7 @@ def dashboard_app(storage_url: str | None) -> Any:
     """optuna-dashboard's WSGI app on the study storage, with kdsearch's artifact store."""
     import optuna_dashboard
 
-    storage, _ = _storage(storage_url)
+    storage, url = _storage(storage_url)
+    if storage is None:
+        raise UserError(f"no studies in {redact(url)} yet: run `kdsearch optimize` first")
     return optuna_dashboard.wsgi(storage, artifact_store=ArtifactDirectory(artifact_root()))

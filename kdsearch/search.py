@@ -247,6 +247,9 @@ class Objective:
         config = self.prepared.config
         hp = suggest(trial, self.space)
         trial.set_user_attr("seed", config.seed)
+        # Pinned values are not trial params; recorded here so export rebuilds this trial exactly even
+        # when another run of the same study pinned something else.
+        trial.set_user_attr("fixed_params", {k: v for k, v in self.space.items() if not is_distribution(v)})
         accuracies: list[float] = []
         seconds: list[float] = []
 

@@ -155,18 +155,25 @@ def load_space_file(path: str | os.PathLike[str], method: str) -> Space:
     return parse_parameters(data.get("parameters"))
 
 
+def parse_value(raw: str) -> float | int | str | bool:
+    """A command-line value: integer, float (``1e-7`` included, which YAML 1.1 reads as a string), boolean or word."""
+    text = raw.strip()
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
 def parse_fixes(fixes: tuple[str, ...] | list[str]) -> dict[str, float | int | str | bool]:
-    """``NAME=VALUE`` pairs → constants, with VALUE read as YAML (so 3, 0.5, true and mse all work)."""
+    """``NAME=VALUE`` pairs → constants (so 3, 0.5, 1e-7, true and mse all work)."""
     out: dict[str, float | int | str | bool] = {}
     for item in fixes:
         name, sep, raw = item.partition("=")
-        if not sep or not name.strip():
+        if not sep or not name.strip() or not raw.strip():
             raise UserError(f"--fix expects NAME=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if not isinstance(value, (int, float, str, bool)):
-            raise UserError(f"--fix {name}: value must be a number, word or boolean, got {raw!r}")
-        out[name.strip()] = value
+        out[name.strip()] = parse_value(raw)
     return out

@@ -1,0 +1,254 @@
+"""The search service: studies per strategy, pruning, resuming, artifacts, export round trip, dashboard."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from kdsearch.checkpoints import load_checkpoint
+from kdsearch.spaces import space_to_dict
+from kdsearch.strategies import STRATEGIES
+from tests.conftest import run_cli
+
+DATA = ["--dataset", "imagefolder", "--val-size", "50"]
+
+
+def optimize(folder: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        "optimize",
+        *DATA,
+        "--data-dir",
+        str(folder),
+        "--teacher",
+        str(teacher),
+        "--epochs",
+        "2",
+        "-q",
+        "--batch-size",
+        "64",
+        *extra,
+    ]
+
+
+def load(home: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'kdsearch.db'}")
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "cosine", "regressor"])
+def test_each_strategy_runs_a_study(
+    method: str, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(
+        optimize(pattern_folder, pattern_teacher, "--method", method, "--trials", "3", "--json"), capsys
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["study_name"] == f"{method}-imagefolder"
+    study = load(home, summary["study_name"])
+    trials = study.get_trials()
+    assert len(trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    best = study.best_trial
+    assert summary["best_value"] == best.value and 0 <= best.value <= 100
+    assert set(best.params) == {k for k, v in STRATEGIES[method].space.items()}
+    assert len(best.user_attrs["epoch_val_accuracy"]) == 2 and len(best.user_attrs["epoch_seconds"]) == 2
+    assert best.user_attrs["params"] == 267_738 and best.user_attrs["seed"] == 42
+    attrs = study.user_attrs
+    assert attrs["method"] == method and attrs["epochs"] == 2 and attrs["dataset"] == "imagefolder"
+    assert attrs["search_space"] == space_to_dict(STRATEGIES[method].space)
+    assert attrs["kdsearch_version"]
+    assert (attrs["teacher_sha256"] is None) == (method == "ce")
+    assert best.intermediate_values.keys() == {1, 2}
+
+
+def test_a_bad_trial_is_pruned_and_reruns_add_trials(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = optimize(
+        pattern_folder,
+        pattern_teacher,
+        "--method",
+        "kd",
+        "--pruner-startup",
+        "2",
+        "--pruner-warmup",
+        "0",
+        "--study-name",
+        "prune",
+    )
+    assert run_cli([*base, "--trials", "2", "--fix", "lr=0.003"], capsys)[0] == 0
+    # A learning rate this small leaves the student at chance after one epoch: the median pruner stops it.
+    assert run_cli([*base, "--trials", "1", "--fix", "lr=1e-7"], capsys)[0] == 0
+    trials = load(home, "prune").get_trials()
+    assert len(trials) == 3  # the second run added to the same study
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[2].user_attrs["fixed_params"]["lr"] == 1e-7 and trials[2].last_step == 1
+
+
+def test_diverging_trials_are_pruned_with_the_reason(
+    pattern_folder: Path,
+    pattern_teacher: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kdsearch import search
+    from kdsearch.loop import DivergedError
+
+    real = search.train_student
+    calls = iter([True, False])
+
+    def sometimes_diverges(prepared, hp, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if next(calls):
+            raise DivergedError(1, 3, float("nan"))
+        return real(prepared, hp, **kwargs)
+
+    monkeypatch.setattr(search, "train_student", sometimes_diverges)
+    code, _, err = run_cli(optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "2"), capsys)
+    assert code == 0, err
+    first, second = load(home, "kd-imagefolder").get_trials()
+    assert first.state == TrialState.PRUNED and "diverged at epoch 1" in first.user_attrs["failure"]
+    assert second.state == TrialState.COMPLETE
+
+
+def test_best_student_artifact_export_and_retrain_round_trip(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(
+        optimize(pattern_folder, pattern_teacher, "--method", "cosine", "--trials", "3", "--pruner", "none"), capsys
+    )
+    assert code == 0, err
+    study = load(home, "cosine-imagefolder")
+    best = study.best_trial
+    artifact_id = best.user_attrs["artifact_id"]
+    assert list((home / "artifacts" / "cosine-imagefolder").glob(artifact_id))
+
+    config_path, checkpoint_path = tmp_path / "best.yaml", tmp_path / "best.pt"
+    code, out, err = run_cli(
+        ["export", "--study-name", "cosine-imagefolder", "-o", config_path, "--checkpoint", checkpoint_path], capsys
+    )
+    assert code == 0, err
+    config = yaml.safe_load(config_path.read_text())
+    assert config["method"] == "cosine" and config["val_size"] == 0 and config["epochs"] == 2
+    assert config["hyperparameters"] == best.params
+    assert config["source"]["trial"] == best.number and config["source"]["artifact_id"] == artifact_id
+    assert config["source"]["val_accuracy"] == best.value
+
+    # The artifact is the trial's student: its validation accuracy reproduces the trial's value.
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert (
+        checkpoint.metadata["trial"] == best.number
+        and checkpoint.metadata["hyperparameters"]["lr"] == best.params["lr"]
+    )
+    code, out, err = run_cli(
+        ["evaluate", "--checkpoint", checkpoint_path, *DATA, "--data-dir", pattern_folder, "--json"], capsys
+    )
+    assert code == 0, err
+    assert json.loads(out)["val_accuracy"] == pytest.approx(best.value)
+
+    code, out, err = run_cli(["train", "--config", config_path, "--json", "-q"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "cosine" and result["hyperparameters"]["lr"] == best.params["lr"]
+    assert result["train_images"] == 300 and result["val_accuracy"] is None  # the whole train split
+    assert 0 <= result["test_accuracy"] <= 100 and len(result["epoch_seconds"]) == 2
+
+    top = tmp_path / "top.json"
+    assert run_cli(["export", "--study-name", "cosine-imagefolder", "--top", "2", "-o", top], capsys)[0] == 0
+    configs = json.loads(top.read_text())["configs"]
+    assert len(configs) == 2 and configs[0]["source"]["val_accuracy"] >= configs[1]["source"]["val_accuracy"]
+
+
+def test_studies_listing_formats(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(["studies", "-f", "json"], capsys)
+    assert code == 0 and json.loads(out) == []
+    assert not (home / "kdsearch.db").exists()  # listing never creates a storage
+    assert run_cli(optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "2"), capsys)[0] == 0
+    code, out, _ = run_cli(["studies", "-f", "json"], capsys)
+    (row,) = json.loads(out)
+    assert row["name"] == "kd-imagefolder" and row["method"] == "kd" and row["dataset"] == "imagefolder"
+    assert row["complete"] + row["pruned"] == 2 and row["failed"] == 0 and row["running"] == 0
+    code, out, _ = run_cli(["studies", "-f", "yaml"], capsys)
+    assert yaml.safe_load(out)[0]["name"] == "kd-imagefolder"
+    code, out, _ = run_cli(["studies"], capsys)
+    assert out.splitlines()[0].split()[:3] == ["name", "method", "dataset"] and "kd-imagefolder" in out
+
+
+def test_user_space_file_and_fix(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "method: regressor\nparameters:\n  kernel_size: {type: categorical, choices: [1]}\n"
+        "  depth: 2\n  distance: {type: categorical, choices: [smooth_l1, cosine]}\n"
+    )
+    code, _, err = run_cli(
+        optimize(
+            pattern_folder,
+            pattern_teacher,
+            "--method",
+            "regressor",
+            "--trials",
+            "2",
+            "--space",
+            space,
+            "--fix",
+            "feature_weight=0.5",
+        ),
+        capsys,
+    )
+    assert code == 0, err
+    for trial in load(home, "regressor-imagefolder").get_trials():
+        assert trial.params["kernel_size"] == 1 and trial.params["distance"] in ("smooth_l1", "cosine")
+        assert "depth" not in trial.params and "feature_weight" not in trial.params  # pinned, not searched
+    config = yaml.safe_load(run_cli(["export", "--study-name", "regressor-imagefolder"], capsys)[1])
+    assert config["hyperparameters"]["depth"] == 2 and config["hyperparameters"]["feature_weight"] == 0.5
+
+
+def test_presets_mirror_the_strategies_defaults() -> None:
+    presets = Path(__file__).resolve().parents[1] / "studies" / "spaces"
+    for name, strategy in STRATEGIES.items():
+        data = yaml.safe_load((presets / f"{name}.yaml").read_text())
+        assert data["method"] == name
+        assert data["parameters"] == space_to_dict(strategy.space), name
+
+
+def test_dashboard_lists_the_study(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "1"), capsys)[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdsearch", "dashboard", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+                time.sleep(0.5)
+        assert body is not None, "dashboard did not answer"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["kd-imagefolder"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
