@@ -121,9 +121,7 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
     attrs = study.user_attrs
     if "method" not in attrs:
         raise UserError(f"study {study.study_name!r} was not created by kdsearch (no method recorded)")
-    hyperparameters = {
-        name: value for name, value in (attrs.get("search_space") or {}).items() if not isinstance(value, dict)
-    }
+    hyperparameters = dict(trial.user_attrs.get("fixed_params", {}))  # pinned by that trial's run
     hyperparameters.update(trial.params)
     return {
         "method": attrs["method"],

@@ -108,7 +108,7 @@ def test_diverging_trials_are_pruned_with_the_reason(
     real = search.train_student
     calls = iter([True, False])
 
-    def sometimes_diverges(prepared, hp, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def sometimes_diverges(prepared, hp, **kwargs):
         if next(calls):
             raise DivergedError(1, 3, float("nan"))
         return real(prepared, hp, **kwargs)
