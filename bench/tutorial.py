@@ -1,0 +1,104 @@
+"""The tutorial's five runs on the shared CIFAR-10 JPEG copy, through the real CLI.
+
+Runs `kdsearch teacher` (skipped when the dataset's default teacher already exists, unless
+--retrain-teacher) and `kdsearch train --method M --val-size 0` for ce, kd, cosine and regressor with
+the tutorial's hyperparameters, then prints each test accuracy beside the reference run of the
+tutorial's own recipe on the same JPEG copy, and writes bench/results/tutorial.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The tutorial's own recipe on this JPEG copy (seed 42, one run each), from the project brief.
+REFERENCE = {"teacher": 72.96, "ce": 69.24, "kd": 69.74, "cosine": 69.06, "regressor": 70.56}
+TOLERANCE = 1.0
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def kdsearch(*args: str) -> tuple[dict, str]:
+    command = ["kdsearch", *args]
+    shown = " ".join(shlex.quote(a) for a in command)
+    print(f"$ {shown}", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "kdsearch", *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout), shown
+
+
+def default_teacher(data: list[str]) -> Path:
+    from kdsearch.data import load_splits
+    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
+
+    splits = load_splits("imagefolder", data[3], val_size=0, cache_dir=cache_dir())
+    return default_teacher_path(splits, TeacherRecipe())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--retrain-teacher", action="store_true")
+    args = parser.parse_args()
+    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--device", args.device]
+    rows = []
+    teacher_path = default_teacher(data)
+    if args.retrain_teacher or not teacher_path.exists():
+        start = time.perf_counter()
+        result, shown = kdsearch("teacher", *data, "--json")
+        rows.append(
+            {
+                "run": "teacher",
+                "command": shown,
+                "test_accuracy": result["test_accuracy"],
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    else:
+        from kdsearch.checkpoints import load_checkpoint
+
+        meta = load_checkpoint(teacher_path).metadata
+        rows.append(
+            {
+                "run": "teacher",
+                "command": f"kdsearch teacher {' '.join(data)}  (reused {teacher_path})",
+                "test_accuracy": meta["test_accuracy"],
+                "seconds": sum(meta["epoch_seconds"]),
+            }
+        )
+    for method in ("ce", "kd", "cosine", "regressor"):
+        start = time.perf_counter()
+        result, shown = kdsearch("train", "--method", method, *data, "--val-size", "0", "--json", "-q")
+        rows.append(
+            {
+                "run": method,
+                "command": shown,
+                "test_accuracy": result["test_accuracy"],
+                "seconds": time.perf_counter() - start,
+                "epoch_seconds": result["epoch_seconds"],
+                "teacher_outputs_seconds": result["teacher_outputs_seconds"],
+            }
+        )
+    ok = True
+    print(f"{'run':<10} {'kdsearch':>9} {'reference':>9} {'delta':>7}  seconds")
+    for row in rows:
+        row["reference"] = REFERENCE[row["run"]]
+        row["delta"] = row["test_accuracy"] - row["reference"]
+        row["within_tolerance"] = abs(row["delta"]) <= TOLERANCE
+        ok &= row["within_tolerance"]
+        print(
+            f"{row['run']:<10} {row['test_accuracy']:>9.2f} {row['reference']:>9.2f} {row['delta']:>+7.2f}  "
+            f"{row['seconds']:.0f}"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tutorial.json").write_text(json.dumps(rows, indent=2))
+    print(f"all within ±{TOLERANCE} point of the reference: {ok}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
