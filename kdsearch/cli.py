@@ -27,8 +27,24 @@ def echo_error(message: str) -> None:
     click.echo(f"kdsearch: error: {one_line}", err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so Optuna closes the running trial (as failed) before we exit."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the click group with errors flattened to one line and exit 2."""
+    """Console entry point: run the click group with errors flattened to one line and exit 2.
+
+    SIGINT exits 130 and SIGTERM 143, after the running trial has been closed in the storage.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cli.main(args=argv, prog_name="kdsearch", standalone_mode=False)
     except UserError as exc:
@@ -42,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         echo_error(exc.format_message())
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("kdsearch: terminated", err=True)
+        sys.exit(143)
     except (click.Abort, KeyboardInterrupt):
         click.echo("kdsearch: interrupted", err=True)
         sys.exit(130)
@@ -363,6 +382,25 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--teacher-layer", default="features", show_default=True)
 @click.option("--student-layer", default="features", show_default=True)
 @click.option("--width", type=float, default=1.0, show_default=True)
+@click.option(
+    "--n-jobs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine, sharing the study and the CPU threads.",
+)
+@click.option(
+    "--total",
+    is_flag=True,
+    help="--trials is the study's total of finished trials (all workers, all hosts), not this run's.",
+)
+@click.option(
+    "--heartbeat",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Seconds between a trial's heartbeats; trials of dead workers are failed and retried.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def optimize(
@@ -376,11 +414,18 @@ def optimize(
     pruner_warmup: int | None,
     space_file: str | None,
     fixes: tuple[str, ...],
+    n_jobs: int,
+    total: bool,
+    heartbeat: int,
     as_json: bool,
     quiet: bool,
     **options: Any,
 ) -> None:
-    """Search a strategy's hyperparameters with Optuna; the best student is kept as an artifact."""
+    """Search a strategy's hyperparameters with Optuna; the best student is kept as an artifact.
+
+    --trials N runs N trials in this invocation (split over --n-jobs workers); with --total, workers
+    on any number of hosts pointed at one --storage stop when the study holds N finished trials.
+    """
     from kdsearch.distill import config_from_dict
     from kdsearch.search import run_search
 
@@ -397,6 +442,9 @@ def optimize(
         pruner_warmup=pruner_warmup,
         space_file=space_file,
         fixes=fixes,
+        n_jobs=n_jobs,
+        heartbeat=heartbeat,
+        total=total,
         progress=not quiet,
         log=log,
     )

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ from kdsearch.teacher import home_dir
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "percentile", "none")
+# Seconds between a running trial's heartbeats; a trial silent for twice that (its worker died) is
+# marked failed and retried by the next worker that starts a trial.
+DEFAULT_HEARTBEAT = 30
 # Points per float parameter when --sampler grid must discretise a continuous range.
 GRID_POINTS = 4
 
@@ -97,15 +101,19 @@ def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    heartbeat_kwargs: dict[str, Any] = {}
-    if heartbeat is not None:
-        heartbeat_kwargs = {
-            "heartbeat_interval": heartbeat,
-            "grace_period": max(2 * heartbeat, heartbeat + 10),
-            "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3),
-        }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna 5, yet they are its documented way to
+            # recover trials of dead workers; the warning would print once per worker.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            heartbeat_kwargs: dict[str, Any] = {}
+            if heartbeat is not None:
+                heartbeat_kwargs = {
+                    "heartbeat_interval": heartbeat,
+                    "grace_period": max(2 * heartbeat, heartbeat + 10),
+                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                }
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
@@ -390,6 +398,31 @@ def counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
+@dataclass
+class SearchPlan:
+    """What every worker process needs to join the study and run its share of trials."""
+
+    config: RunConfig
+    study_name: str
+    storage_url: str
+    space: Space
+    sampler_name: str
+    pruner_name: str
+    pruner_startup: int
+    pruner_warmup: int | None
+    heartbeat: int | None
+    trials: int | None
+    timeout: float | None
+    total: bool
+
+    def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
+        # Each worker gets its own sampler seed: identical seeds would propose identical startup trials.
+        return make_sampler(self.sampler_name, self.config.seed + worker, self.space)
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return make_pruner(self.pruner_name, self.config.epochs, self.pruner_startup, self.pruner_warmup)
+
+
 def run_search(
     config: RunConfig,
     *,
@@ -403,43 +436,156 @@ def run_search(
     pruner_warmup: int | None = None,
     space_file: str | None = None,
     fixes: tuple[str, ...] | list[str] = (),
+    n_jobs: int = 1,
+    heartbeat: int | None = DEFAULT_HEARTBEAT,
+    total: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """`kdsearch optimize`: validate everything, then open the study and run ``trials`` trials."""
+    """`kdsearch optimize`: validate everything, then open the study and run its trials.
+
+    ``trials`` is per run (split over ``n_jobs`` worker processes), or with ``total`` the study's
+    total of finished (complete or pruned) trials, whoever runs them.
+    """
     if trials is not None and trials <= 0:
         raise UserError(f"--trials must be positive, got {trials}")
     if trials is None and timeout is None:
         raise UserError("give --trials N or --timeout SECONDS (or both)")
+    if total and trials is None:
+        raise UserError("--total needs --trials N (the study's total of finished trials)")
     if timeout is not None and timeout <= 0:
         raise UserError(f"--timeout must be positive, got {timeout}")
+    if n_jobs <= 0:
+        raise UserError(f"--n-jobs must be positive, got {n_jobs}")
+    if heartbeat is not None and heartbeat <= 0:
+        raise UserError(f"--heartbeat must be positive, got {heartbeat}")
     if config.val_size <= 0:
         raise UserError("a search needs a validation split to choose on: --val-size must be positive")
     config.check()
     strategy = get_strategy(config.method)
     space = build_space(strategy, space_file, fixes)
-    sampler = make_sampler(sampler_name, config.seed, space)
-    pruner = make_pruner(pruner_name, config.epochs, pruner_startup, pruner_warmup)
     url = storage_url or default_storage_url()
+    plan = SearchPlan(
+        config,
+        study_name or f"{config.method}-{config.dataset}",
+        url,
+        space,
+        sampler_name,
+        pruner_name,
+        pruner_startup,
+        pruner_warmup,
+        heartbeat,
+        trials,
+        timeout,
+        total,
+    )
+    plan.sampler(0), plan.pruner()  # unknown names and bad pruner settings fail before anything is created
     check_storage_url(url, create_parent=storage_url is None)
-    name = study_name or f"{config.method}-{config.dataset}"
+    # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
     prepared = prepare(config, progress=progress, log=log)
     _check_feature_shapes(prepared, strategy, space)
-    storage = open_storage(url, create_parent=storage_url is None)
+    storage = open_storage(url, heartbeat=heartbeat, create_parent=storage_url is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar replaces per-trial log lines
-    study = load_or_create_study(storage, name, study_attributes(prepared, space), sampler, pruner)
-    objective = Objective(prepared, space, ArtifactDirectory(artifact_root(), name))
-    bar = _ProgressBar(trials, progress)
+    study = load_or_create_study(
+        storage, plan.study_name, study_attributes(prepared, space), plan.sampler(0), plan.pruner()
+    )
     start = time.perf_counter()
+    before = sum(counts(study)[k] for k in ("complete", "pruned"))
+    if n_jobs == 1:
+        bar = _ProgressBar(_bar_total(plan, before), progress)
+        try:
+            _optimize(
+                study, Objective(prepared, space, ArtifactDirectory(artifact_root(), plan.study_name)), plan, [bar]
+            )
+        finally:
+            bar.close()
+    else:
+        del prepared  # each worker loads its own copy (from the caches just built)
+        _run_workers(plan, n_jobs, study, progress, before)
+    return _summary(study, plan, time.perf_counter() - start)
+
+
+def _bar_total(plan: SearchPlan, finished_before: int) -> int | None:
+    if plan.trials is None:
+        return None
+    return max(plan.trials - finished_before, 0) if plan.total else plan.trials
+
+
+def _optimize(
+    study: optuna.Study, objective: Objective, plan: SearchPlan, callbacks: list[Any], trials: int | None = None
+) -> None:
+    """Run ``trials`` trials, or with ``plan.total`` until the study holds that many finished trials."""
+    if not plan.total:
+        study.optimize(objective, n_trials=trials or plan.trials, timeout=plan.timeout, callbacks=callbacks)
+        return
+    deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
+    assert plan.trials is not None
+    while deadline is None or time.monotonic() < deadline:
+        c = counts(study)
+        # Running trials count as claimed, so parallel workers stop together instead of overshooting.
+        if c["complete"] + c["pruned"] + c["running"] >= plan.trials:
+            break
+        study.optimize(objective, n_trials=1, callbacks=callbacks)
+
+
+def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int) -> None:
+    """One worker process: its own data copy and sampler, the shared study, its share of trials."""
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = prepare(plan.config)
+    storage = open_storage(plan.storage_url, heartbeat=plan.heartbeat)
+    study = optuna.load_study(
+        study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
+    )
+    objective = Objective(prepared, plan.space, ArtifactDirectory(artifact_root(), plan.study_name))
+    _optimize(study, objective, plan, [], trials)
+
+
+def _run_workers(plan: SearchPlan, n_jobs: int, study: optuna.Study, progress: bool, before: int) -> None:
+    """``n_jobs`` joblib worker processes on the same study, CPU threads split between them."""
+    import threading
+
+    import torch
+    from joblib import Parallel, delayed
+
+    threads = max(1, torch.get_num_threads() // n_jobs)
+    if plan.trials is None or plan.total:
+        shares: list[int | None] = [plan.trials if plan.total else None] * n_jobs
+    else:
+        shares = [plan.trials // n_jobs + (1 if i < plan.trials % n_jobs else 0) for i in range(n_jobs)]
+        shares = [s for s in shares if s]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Parallel(n_jobs=len(shares), backend="loky")(
+                delayed(_worker)(plan, i, share, threads) for i, share in enumerate(shares)
+            )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    bar = _ProgressBar(_bar_total(plan, before), progress)
+    seen = before
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[bar], gc_after_trial=False)
+        while runner.is_alive():
+            runner.join(timeout=2.0)
+            seen = bar.poll(study, seen)
     finally:
         bar.close()
+    if errors:
+        raise errors[0]
+
+
+def _summary(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "study_name": name,
-        "storage": redact(url),
+        "study_name": plan.study_name,
+        "storage": redact(plan.storage_url),
         **counts(study),
-        "wall_seconds": round(time.perf_counter() - start, 2),
+        "wall_seconds": round(seconds, 2),
     }
     try:
         best = study.best_trial
@@ -494,6 +640,20 @@ class _ProgressBar:
             best = "-"
         self.bar.set_postfix(best=best, pruned=self.pruned)
         self.bar.update(1)
+
+    def poll(self, study: optuna.Study, seen: int) -> int:
+        """Multi-process mode: advance by the trials finished since ``seen`` (read from the storage)."""
+        c = counts(study)
+        finished = c["complete"] + c["pruned"]
+        if self.bar is not None and finished > seen:
+            self.pruned = c["pruned"]
+            try:
+                best = f"{study.best_value:.2f}%"
+            except ValueError:
+                best = "-"
+            self.bar.set_postfix(best=best, pruned=self.pruned)
+            self.bar.update(finished - seen)
+        return max(seen, finished)
 
     def close(self) -> None:
         if self.bar is not None:
