@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         echo_error(exc.format_message())
         sys.exit(exc.exit_code)
-    except Terminated:
-        click.echo("kdsearch: terminated", err=True)
-        sys.exit(143)
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt) as exc:
+        # click wraps Ctrl-C (and our SIGTERM, raised as a KeyboardInterrupt) in Abort.
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("kdsearch: terminated", err=True)
+            sys.exit(143)
         click.echo("kdsearch: interrupted", err=True)
         sys.exit(130)
 

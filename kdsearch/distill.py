@@ -172,8 +172,8 @@ def prepare(config: RunConfig, *, progress: bool = False, log: Callable[[str], N
     path = resolve_teacher(config, splits, device, progress=progress, log=log)
     teacher = load_teacher(path, config.teacher_model, splits, device)
     layer = config.teacher_layer if strategy.uses_features else None
-    outputs, seconds = teacher_outputs(teacher, splits, layer, device)
-    return Prepared(config, device, splits, outputs, path, teacher.checksum, seconds, teacher.metadata)
+    cached = teacher_outputs(teacher, splits, layer, device)
+    return Prepared(config, device, splits, cached.outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool 
             if heartbeat is not None:
                 heartbeat_kwargs = {
                     "heartbeat_interval": heartbeat,
-                    "grace_period": max(2 * heartbeat, heartbeat + 10),
+                    "grace_period": 2 * heartbeat + 1,
                     "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
                 }
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
@@ -485,7 +485,8 @@ def run_search(
     prepared = prepare(config, progress=progress, log=log)
     _check_feature_shapes(prepared, strategy, space)
     storage = open_storage(url, heartbeat=heartbeat, create_parent=storage_url is None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar replaces per-trial log lines
+    # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = load_or_create_study(
         storage, plan.study_name, study_attributes(prepared, space), plan.sampler(0), plan.pruner()
     )
@@ -533,7 +534,7 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int) -> 
     import torch
 
     torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared = prepare(plan.config)
     storage = open_storage(plan.storage_url, heartbeat=plan.heartbeat)
     study = optuna.load_study(

@@ -166,7 +166,8 @@ def teacher_outputs_key(teacher: LoadedTeacher, splits: TensorSplits, layer: str
 
 def _read_cache(path: Path, key: str, rows: int, layer: str | None) -> TeacherOutputs | None:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: worker processes on one machine share the pages instead of each holding a copy.
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if blob.get("format") != CACHE_FORMAT or blob.get("key") != key:
             return None
         logits, features = blob["logits"], blob.get("features")
@@ -177,19 +178,32 @@ def _read_cache(path: Path, key: str, rows: int, layer: str | None) -> TeacherOu
         return None
 
 
+@dataclass
+class CachedOutputs:
+    outputs: TeacherOutputs
+    seconds: float  # spent computing or loading
+    built: bool  # True when this call ran the teacher (no usable cache existed)
+
+
 def teacher_outputs(
     teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device
-) -> tuple[TeacherOutputs, float]:
-    """Cached teacher outputs for ``splits.train`` (on ``device``) and the seconds it took."""
+) -> CachedOutputs:
+    """Teacher outputs for ``splits.train`` (on ``device``), from the cache or computed once and cached.
+
+    A file lock makes concurrent builders (worker processes) wait for the first one's cache rather
+    than compute it again; the cache is written atomically, so a crash never leaves a partial file.
+    """
     start = time.perf_counter()
     key = teacher_outputs_key(teacher, splits, layer)
     path = cache_dir() / "teacher" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = len(splits.train)
+    built = False
     with FileLock(str(path) + ".lock"):
         outputs = _read_cache(path, key, rows, layer) if path.exists() else None
         if outputs is None:
             outputs = compute_teacher_outputs(teacher.model, splits.train.images, layer, device)
             blob = {"format": CACHE_FORMAT, "key": key, "logits": outputs.logits, "features": outputs.features}
             atomic_write(path, lambda tmp: torch.save(blob, tmp))
-    return outputs.to(device), time.perf_counter() - start
+            built = True
+    return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)

@@ -132,31 +132,42 @@ def test_pickle_payloads_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_teacher_outputs_are_cached_once_and_keyed(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+def test_teacher_outputs_are_cached_once_and_keyed(
+    pattern_teacher: Path, pattern_folder: Path, home: Path, tmp_path: Path
+) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
     teacher = load_teacher(pattern_teacher, None, splits, CPU)
-    outputs, _ = teacher_outputs(teacher, splits, "features", CPU)
+    first = teacher_outputs(teacher, splits, "features", CPU)
+    outputs = first.outputs
+    assert first.built
     assert outputs.logits.shape == (250, 10) and outputs.features is not None
     assert outputs.features.shape == (250, 32, 8, 8)
     files = sorted((home / "cache" / "teacher").glob("*.pt"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    again, _ = teacher_outputs(teacher, splits, "features", CPU)
-    assert torch.equal(again.logits, outputs.logits) and files[0].stat().st_mtime_ns == stamp
+    again = teacher_outputs(teacher, splits, "features", CPU)
+    assert not again.built and torch.equal(again.outputs.logits, outputs.logits)
+    assert files[0].stat().st_mtime_ns == stamp
     # Another layer, or another split, is another cache entry.
     teacher_outputs(teacher, splits, "features.5", CPU)
     teacher_outputs(teacher, load_splits("imagefolder", pattern_folder, val_size=60), "features", CPU)
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 3
     # A truncated cache file is detected and rebuilt, never trusted.
     files[0].write_bytes(files[0].read_bytes()[:64])
-    rebuilt, _ = teacher_outputs(teacher, splits, "features", CPU)
-    assert torch.equal(rebuilt.logits, outputs.logits)
+    rebuilt = teacher_outputs(teacher, splits, "features", CPU)
+    assert rebuilt.built and torch.equal(rebuilt.outputs.logits, outputs.logits)
+    # Another teacher file (other weights) is another key.
+    other = tmp_path / "other.pt"
+    torch.manual_seed(7)
+    save_checkpoint(other, DeepNN(), {"model": "deepnn", "num_classes": 10})
+    assert teacher_outputs(load_teacher(other, None, splits, CPU), splits, "features", CPU).built
+    assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 4
 
 
 def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
     teacher = load_teacher(pattern_teacher, None, splits, CPU)
-    cached, _ = teacher_outputs(teacher, splits, "features", CPU)
+    cached = teacher_outputs(teacher, splits, "features", CPU).outputs
     live_model = DeepNN()
     live_model.load_state_dict(load_checkpoint(pattern_teacher).state_dict)
     live_model.eval()

@@ -1,0 +1,239 @@
+"""Parallel workers, shared caches, and faults: signals, killed workers, concurrent SQLite, crashes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from kdsearch.fsutil import atomic_write
+from tests.conftest import run_cli
+
+POSTGRES_URL = os.environ.get("KDSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def optimize_args(folder: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        "optimize",
+        "--method",
+        "kd",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(folder),
+        "--val-size",
+        "50",
+        "--teacher",
+        str(teacher),
+        "--batch-size",
+        "64",
+        "-q",
+        *extra,
+    ]
+
+
+def spawn(args: list[str], home: Path) -> subprocess.Popen:
+    env = {**os.environ, "KDSEARCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdsearch", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_running_trial(storage: str, name: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.RUNNING,))
+            if trials:
+                time.sleep(1.0)  # let it get into the training loop
+                return
+        except Exception:  # noqa: BLE001 - the study (or the SQLite file) does not exist yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError("no trial started in time")
+
+
+def postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture()
+def postgres() -> str:
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    return POSTGRES_URL
+
+
+def test_n_jobs_finishes_exactly_the_requested_trials(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(
+        optimize_args(pattern_folder, pattern_teacher, "--trials", "5", "--n-jobs", "2", "--epochs", "1"), capsys
+    )
+    assert code == 0, err
+    trials = optuna.load_study(study_name="kd-imagefolder", storage=f"sqlite:///{home / 'kdsearch.db'}").get_trials()
+    assert len(trials) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # Two samplers with distinct seeds: the workers did not propose the same startup trials.
+    assert len({t.params["lr"] for t in trials}) == 5
+
+
+def test_processes_on_one_sqlite_file_share_a_study(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = optimize_args(
+        pattern_folder, pattern_teacher, "--trials", "6", "--total", "--epochs", "1", "--study-name", "shared"
+    )
+    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0  # builds caches and the study first
+    processes = [spawn(args, home) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+        assert "database is locked" not in err
+    trials = optuna.load_study(study_name="shared", storage=f"sqlite:///{home / 'kdsearch.db'}").get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 6 <= len(finished) <= 8 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_close_the_running_trial_and_the_next_run_resumes(
+    signum: int,
+    code: int,
+    pattern_folder: Path,
+    pattern_teacher: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    storage = f"sqlite:///{home / 'kdsearch.db'}"
+    args = optimize_args(pattern_folder, pattern_teacher, "--epochs", "40", "--study-name", "sig")
+    process = spawn([*args, "--trials", "5"], home)
+    wait_for_running_trial(storage, "sig", process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    trials = optuna.load_study(study_name="sig", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[-1].state == TrialState.FAIL
+    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0
+    resumed = optuna.load_study(study_name="sig", storage=storage).get_trials()
+    assert len(resumed) == len(trials) + 1 and resumed[-1].state == TrialState.COMPLETE
+
+
+def _kill_and_recover(
+    storage: str, name: str, folder: Path, teacher: Path, home: Path
+) -> list[optuna.trial.FrozenTrial]:
+    args = optimize_args(
+        folder,
+        teacher,
+        "--storage",
+        storage,
+        "--study-name",
+        name,
+        "--heartbeat",
+        "1",
+        "--trials",
+        "3",
+        "--total",
+        "--epochs",
+        "2",
+    )
+    victim = spawn([*args[:-5], "--trials", "3", "--total", "--epochs", "2"], home)
+    wait_for_running_trial(storage, name, victim)
+    victim.kill()  # kill -9: no chance to close its trial
+    victim.wait(timeout=30)
+    time.sleep(4)  # past the heartbeat grace period (2 x 1 s + 1 s)
+    survivor = spawn(args, home)
+    _, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def _assert_recovered(trials: list[optuna.trial.FrozenTrial]) -> None:
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.FAIL) == 1
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 3
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == failed.number]
+    assert len(retried) == 1 and retried[0].params == failed.params
+
+
+@pytest.mark.postgres
+def test_killed_worker_on_postgres_is_failed_and_retried(
+    postgres: str, pattern_folder: Path, pattern_teacher: Path, home: Path
+) -> None:
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    try:
+        _assert_recovered(_kill_and_recover(postgres, name, pattern_folder, pattern_teacher, home))
+    finally:
+        optuna.delete_study(study_name=name, storage=postgres)
+
+
+def test_killed_worker_on_sqlite_is_failed_and_retried(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:
+    home.mkdir(parents=True)  # an explicit --storage must point into an existing directory
+    _assert_recovered(
+        _kill_and_recover(f"sqlite:///{home / 'kdsearch.db'}", "kill", pattern_folder, pattern_teacher, home)
+    )
+
+
+def test_a_crash_while_writing_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint.pt"
+
+    def crash(tmp: Path) -> None:
+        tmp.write_bytes(b"half a checkpoint")
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, crash)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda tmp: torch.save({"w": torch.ones(1)}, tmp))
+    with pytest.raises(RuntimeError):
+        atomic_write(target, crash)
+    assert torch.load(target, weights_only=True)["w"].item() == 1.0  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def _build_cache(home: str, folder: str, teacher: str, queue: multiprocessing.Queue) -> None:
+    os.environ["KDSEARCH_HOME"] = home
+    from kdsearch.data import load_splits
+    from kdsearch.teacher import load_teacher, teacher_outputs
+
+    splits = load_splits("imagefolder", folder, val_size=50)
+    cached = teacher_outputs(
+        load_teacher(teacher, None, splits, torch.device("cpu")), splits, "features", torch.device("cpu")
+    )
+    queue.put((cached.built, float(cached.outputs.logits.sum())))
+
+
+def test_concurrent_builders_produce_one_cache(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_build_cache, args=(str(home), str(pattern_folder), str(pattern_teacher), queue))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    assert sorted(built for built, _ in results) == [False, True]  # one built it, the other waited and read it
+    assert results[0][1] == results[1][1]
+    assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 1
