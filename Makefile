@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 
-.PHONY: setup test lint bench bench-tutorial bench-studies clean
+.PHONY: setup test lint bench bench-tutorial bench-studies soak clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench-tutorial:
 # One 30-trial, 10-epoch study per strategy (about 20 min each on 2 CPU cores).
 bench-studies:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR)
+
+# Fault soak on the PostgreSQL server at 127.0.0.1:5432 (KDSEARCH_SOAK_STORAGE to use another).
+soak:
+	$(BIN)/python bench/soak.py --data-dir $(SHARED_CIFAR)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -602,14 +602,14 @@ def _summary(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str,
 
 
 def _check_feature_shapes(prepared: Prepared, strategy: Strategy, space: Space) -> None:
-    """Build the loss once with the space's first values so shape mismatches fail before the study exists."""
+    """Build the loss once (first choices, upper bounds: every weight on) so shape mismatches fail early."""
     if not strategy.uses_features:
         return
     from kdsearch.distill import build_student
     from kdsearch.loop import feature_shape
 
     probe = {
-        k: (v.choices[0] if isinstance(v, CategoricalParam) else v.low if is_distribution(v) else v)
+        k: (v.choices[0] if isinstance(v, CategoricalParam) else v.high if is_distribution(v) else v)
         for k, v in space.items()
     }
     hp = strategy.hyperparameters(probe)

@@ -205,3 +205,32 @@ def test_every_strategy_trains_through_the_loop(
     result = train_student(prepared, {})
     assert result.params == 267_738  # the regressor is not part of the student
     assert result.val_accuracy is not None and 0.0 <= result.val_accuracy <= 100.0
+
+
+def test_hybrid_with_every_distillation_weight_zero_is_ce(
+    pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    common = {
+        "dataset": "imagefolder",
+        "data_dir": str(pattern_folder),
+        "val_size": 50,
+        "epochs": 1,
+        "batch_size": 64,
+        "device": "cpu",
+        "teacher": str(pattern_teacher),
+    }
+    ce = train_student(prepare(RunConfig(method="ce", **common)), {})
+    zero = {"kd_weight": 0.0, "cosine_weight": 0.0, "regressor_weight": 0.0}
+    hybrid = train_student(prepare(RunConfig(method="hybrid", **common)), zero)
+    assert hybrid.epochs[0].train_loss == ce.epochs[0].train_loss
+    assert hybrid.val_accuracy == ce.val_accuracy
+    for a, b in zip(ce.model.parameters(), hybrid.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # With weights on, every term contributes and the regressor trains with the student.
+    strategy = get_strategy("hybrid")
+    loss_fn = strategy.build_loss(
+        strategy.hyperparameters({"kd_weight": 1.0, "cosine_weight": 1.0, "regressor_weight": 1.0}),
+        (16, 8, 8),
+        (32, 8, 8),
+    )
+    assert sum(p.numel() for p in loss_fn.parameters()) == 16 * 32 * 9 + 32

@@ -7,11 +7,12 @@ from kdsearch.errors import UserError
 from kdsearch.strategies.base import LossInputs, Strategy
 from kdsearch.strategies.ce import CrossEntropy
 from kdsearch.strategies.cosine import CosineFeatures
+from kdsearch.strategies.hybrid import Hybrid
 from kdsearch.strategies.kd import SoftTargets
 from kdsearch.strategies.regressor import FeatureRegressor
 
 STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (CrossEntropy(), SoftTargets(), CosineFeatures(), FeatureRegressor())
+    s.name: s for s in (CrossEntropy(), SoftTargets(), CosineFeatures(), FeatureRegressor(), Hybrid())
 }
 METHODS = tuple(STRATEGIES)
 

@@ -46,6 +46,19 @@ def feature_distance(predicted: Tensor, target: Tensor, distance: str) -> Tensor
     return (1.0 - F.cosine_similarity(predicted.flatten(1), target.flatten(1), dim=1)).mean()
 
 
+def check_regressor_hyperparameters(strategy: Strategy, hp: dict[str, Any]) -> None:
+    """The regressor's own parameters: shared by ``regressor`` and ``hybrid``."""
+    strategy.check_choice(hp, "distance", DISTANCES)
+    for name in ("kernel_size", "hidden_channels"):
+        value = hp[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{strategy.name}: {name} must be a positive integer, got {value!r}")
+    if hp["kernel_size"] % 2 == 0:
+        raise UserError(f"{strategy.name}: kernel_size must be odd to keep the map's size, got {hp['kernel_size']}")
+    if isinstance(hp["depth"], bool) or not isinstance(hp["depth"], int) or hp["depth"] < 1:
+        raise UserError(f"{strategy.name}: depth must be a positive integer, got {hp['depth']!r}")
+
+
 class RegressorLoss(nn.Module):
     def __init__(self, regressor: nn.Module, feature_weight: float, ce_weight: float, distance: str) -> None:
         super().__init__()
@@ -85,20 +98,10 @@ class FeatureRegressor(Strategy):
 
     def check(self, hp: dict[str, Any]) -> None:
         super().check(hp)
-        self.check_choice(hp, "distance", DISTANCES)
-        for name in ("kernel_size", "hidden_channels"):
-            value = hp[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"regressor: {name} must be a positive integer, got {value!r}")
-        if hp["kernel_size"] % 2 == 0:
-            raise UserError(f"regressor: kernel_size must be odd to keep the map's size, got {hp['kernel_size']}")
-        if isinstance(hp["depth"], bool) or not isinstance(hp["depth"], int) or hp["depth"] < 1:
-            raise UserError(f"regressor: depth must be a positive integer, got {hp['depth']!r}")
+        check_regressor_hyperparameters(self, hp)
 
-    def build_loss(
-        self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
-    ) -> nn.Module:
-        assert student_features is not None and teacher_features is not None
+    def check_maps(self, student_features: tuple[int, ...], teacher_features: tuple[int, ...]) -> None:
+        """Both layers must give (C, H, W) maps of one spatial size for a conv regressor to match them."""
         if len(student_features) != 3 or len(teacher_features) != 3:
             raise UserError(
                 f"regressor needs feature maps (C, H, W) from both layers; got student {student_features} "
@@ -109,6 +112,12 @@ class FeatureRegressor(Strategy):
                 f"regressor cannot match feature maps of different spatial size: student "
                 f"{student_features[1]}x{student_features[2]}, teacher {teacher_features[1]}x{teacher_features[2]}"
             )
+
+    def build_loss(
+        self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
+    ) -> nn.Module:
+        assert student_features is not None and teacher_features is not None
+        self.check_maps(student_features, teacher_features)
         regressor = build_regressor(
             student_features[0],
             teacher_features[0],
