@@ -112,6 +112,31 @@ def test_processes_on_one_sqlite_file_share_a_study(
     assert 6 <= len(finished) <= 8 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
 
 
+def _signal_and_resume(
+    storage: str,
+    name: str,
+    signum: int,
+    code: int,
+    folder: Path,
+    teacher: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = optimize_args(folder, teacher, "--epochs", "40", "--study-name", name, "--storage", storage)
+    process = spawn([*args, "--trials", "5"], home)
+    wait_for_running_trial(storage, name, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == ("kdsearch: terminated" if code == 143 else "kdsearch: interrupted")
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[-1].state == TrialState.FAIL
+    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0
+    resumed = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert len(resumed) == len(trials) + 1 and resumed[-1].state == TrialState.COMPLETE
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_close_the_running_trial_and_the_next_run_resumes(
     signum: int,
@@ -121,19 +146,21 @@ def test_signals_close_the_running_trial_and_the_next_run_resumes(
     home: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    storage = f"sqlite:///{home / 'kdsearch.db'}"
-    args = optimize_args(pattern_folder, pattern_teacher, "--epochs", "40", "--study-name", "sig")
-    process = spawn([*args, "--trials", "5"], home)
-    wait_for_running_trial(storage, "sig", process)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == code, err
-    trials = optuna.load_study(study_name="sig", storage=storage).get_trials()
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert trials[-1].state == TrialState.FAIL
-    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0
-    resumed = optuna.load_study(study_name="sig", storage=storage).get_trials()
-    assert len(resumed) == len(trials) + 1 and resumed[-1].state == TrialState.COMPLETE
+    home.mkdir(parents=True)
+    _signal_and_resume(
+        f"sqlite:///{home / 'kdsearch.db'}", "sig", signum, code, pattern_folder, pattern_teacher, home, capsys
+    )
+
+
+@pytest.mark.postgres
+def test_sigterm_on_postgres_closes_the_trial(
+    postgres: str, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"sig-{uuid.uuid4().hex[:8]}"
+    try:
+        _signal_and_resume(postgres, name, signal.SIGTERM, 143, pattern_folder, pattern_teacher, home, capsys)
+    finally:
+        optuna.delete_study(study_name=name, storage=postgres)
 
 
 def _kill_and_recover(
@@ -184,6 +211,45 @@ def test_killed_worker_on_postgres_is_failed_and_retried(
         _assert_recovered(_kill_and_recover(postgres, name, pattern_folder, pattern_teacher, home))
     finally:
         optuna.delete_study(study_name=name, storage=postgres)
+
+
+def test_passwords_never_reach_output_or_exports(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kdsearch.search import redact
+
+    assert redact("postgresql+psycopg2://kd:hunter2@db.example/kd") == "postgresql+psycopg2://kd:***@db.example/kd"
+    if not postgres_available():
+        pytest.skip("PostgreSQL not reachable")
+    url = POSTGRES_URL.replace("postgres@", "postgres:hunter2@")  # trust auth ignores the password
+    name = f"pw-{uuid.uuid4().hex[:8]}"
+    try:
+        code, out, err = run_cli(
+            optimize_args(
+                pattern_folder,
+                pattern_teacher,
+                "--trials",
+                "1",
+                "--epochs",
+                "1",
+                "--storage",
+                url,
+                "--study-name",
+                name,
+                "--json",
+            ),
+            capsys,
+        )
+        assert code == 0, err
+        exported = tmp_path / "best.yaml"
+        code, out2, err2 = run_cli(["export", "--study-name", name, "--storage", url, "-o", exported], capsys)
+        assert code == 0, err2
+        code, out3, err3 = run_cli(["studies", "--storage", url, "-f", "json"], capsys)
+        for text in (out, err, out2, err2, out3, err3, exported.read_text()):
+            assert "hunter2" not in text
+        assert "postgres:***@" in exported.read_text()
+    finally:
+        optuna.delete_study(study_name=name, storage=POSTGRES_URL)
 
 
 def test_killed_worker_on_sqlite_is_failed_and_retried(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:
