@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -75,7 +76,9 @@ def main() -> int:
     states = [t.state for t in trials]
     finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
     failed = states.count(TrialState.FAIL)
-    retried = sum(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None for t in trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = sum(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None for t in trials)
     running = states.count(TrialState.RUNNING)
     print(
         f"soak: study {name}: finished {finished}, failed {failed}, retried {retried}, still running {running}, "

@@ -334,7 +334,7 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[tuple[str, int, 
 
 
 def _imagefolder_fingerprint(files: list[tuple[str, int, int, int]], root: Path) -> str:
-    """Cheap identity of an image folder: every file's relative path, label, size and mtime."""
+    """Cheap stamp of one copy of an image folder: every file's relative path, label, size and mtime."""
     digest = hashlib.sha256()
     prefix = len(str(root)) + 1
     for path, label, size, mtime in files:
@@ -399,19 +399,22 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
     test_classes, test_files = _list_imagefolder(root / "test")
     if test_classes != classes:
         raise UserError(f"{root}/test has classes {test_classes}, but {root}/train has {classes}")
-    fingerprint = _imagefolder_fingerprint(train_files + test_files, root)
-    cache_path = Path(cache_dir) / "data" / f"imagefolder-{fingerprint}.pt" if cache_dir is not None else None
+    # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy; the
+    # dataset's identity is the hash of the decoded pixels, equal for every copy on every host, so
+    # workers on several machines agree on the study and the teacher.
+    listing = _imagefolder_fingerprint(train_files + test_files, root)
+    cache_path = Path(cache_dir) / "data" / f"imagefolder-{listing}.pt" if cache_dir is not None else None
     if cache_path is not None and cache_path.exists():
         try:
             blob = torch.load(cache_path, weights_only=True)
-            if blob.get("fingerprint") == fingerprint:
+            if blob.get("listing") == listing:
                 return DecodedDataset(
                     blob["train_images"],
                     blob["train_labels"],
                     blob["test_images"],
                     blob["test_labels"],
                     list(blob["classes"]),
-                    fingerprint,
+                    str(blob["fingerprint"]),
                 )
         except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
             pass
@@ -421,9 +424,11 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
         raise UserError(
             f"train images are {tuple(train_images.shape[1:])} but test images {tuple(test_images.shape[1:])}"
         )
+    fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
     decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
     if cache_path is not None:
         blob = {
+            "listing": listing,
             "fingerprint": fingerprint,
             "classes": classes,
             "train_images": train_images,

@@ -36,6 +36,18 @@ def test_a_changed_folder_is_decoded_again(pattern_folder: Path, tmp_path: Path)
     assert len(second.train_labels) == len(first.train_labels) - 1
 
 
+def test_copies_of_a_folder_share_one_identity(pattern_folder: Path, tmp_path: Path) -> None:
+    import os
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pattern_folder, copy)
+    for path in copy.rglob("*.png"):
+        os.utime(path, (0, 0))  # another host's copy: other mtimes, same pixels
+    original = decode_dataset("imagefolder", pattern_folder, cache_dir=tmp_path / "a")
+    other = decode_dataset("imagefolder", copy, cache_dir=tmp_path / "b")
+    assert other.fingerprint == original.fingerprint
+
+
 def test_corrupt_decode_cache_is_rebuilt(pattern_folder: Path, tmp_path: Path) -> None:
     first = decode_dataset("imagefolder", pattern_folder, cache_dir=tmp_path)
     (cache,) = (tmp_path / "data").glob("*.pt")
