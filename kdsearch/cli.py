@@ -402,6 +402,12 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="Seconds between a trial's heartbeats; trials of dead workers are failed and retried.",
 )
+@click.option(
+    "--objectives",
+    default="accuracy",
+    show_default=True,
+    help="accuracy, or a multi-objective search: accuracy,params and/or latency (adds --width to the space).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def optimize(
@@ -418,6 +424,7 @@ def optimize(
     n_jobs: int,
     total: bool,
     heartbeat: int,
+    objectives: str,
     as_json: bool,
     quiet: bool,
     **options: Any,
@@ -446,6 +453,7 @@ def optimize(
         n_jobs=n_jobs,
         heartbeat=heartbeat,
         total=total,
+        objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
         progress=not quiet,
         log=log,
     )
@@ -455,14 +463,24 @@ def optimize(
         lambda s: [
             f"study {s['study_name']} in {s['storage']}: {s['complete']} complete, {s['pruned']} pruned, "
             f"{s['failed']} failed",
-            (
-                f"best: trial {s['best_trial']}, validation accuracy {s['best_value']:.2f}%, "
-                f"artifact {s['best_artifact_id']}"
-                if s["best_value"] is not None
-                else "no completed trial yet"
-            ),
+            *_best_lines(s),
         ],
     )
+
+
+def _best_lines(summary: dict[str, Any]) -> list[str]:
+    if "pareto_front" in summary:
+        names = summary["objectives"]
+        return [f"Pareto front ({', '.join(names)}): {len(summary['pareto_front'])} trials"] + [
+            f"  trial {t['trial']}: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(names, t["values"], strict=True))
+            for t in summary["pareto_front"]
+        ]
+    if summary["best_value"] is None:
+        return ["no completed trial yet"]
+    return [
+        f"best: trial {summary['best_trial']}, validation accuracy {summary['best_value']:.2f}%, "
+        f"artifact {summary['best_artifact_id']}"
+    ]
 
 
 @cli.command()
@@ -487,16 +505,23 @@ def studies(storage: str | None, fmt: str) -> None:
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
-    help="Also save the best trial's student checkpoint here.",
+    help="Also save the best trial's student checkpoint here (a directory with --pareto).",
 )
 @click.option("--top", type=int, default=1, show_default=True, help="Export the K best trials.")
-def export(study_name: str, storage: str | None, output: str | None, checkpoint: str | None, top: int) -> None:
+@click.option(
+    "--pareto",
+    is_flag=True,
+    help="Every Pareto-optimal trial of a multi-objective study (--checkpoint is then a directory).",
+)
+def export(
+    study_name: str, storage: str | None, output: str | None, checkpoint: str | None, top: int, pareto: bool
+) -> None:
     """Export the best trial's config (feeds `kdsearch train --config`)."""
     from kdsearch.export import export_study
 
-    text = export_study(storage, study_name, output=output, checkpoint=checkpoint, top=top)
+    text = export_study(storage, study_name, output=output, checkpoint=checkpoint, top=top, pareto=pareto)
     if output is None:
         click.echo(text.rstrip())
 

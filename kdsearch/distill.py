@@ -182,6 +182,7 @@ class StudentResult:
     hyperparameters: dict[str, Any]
     epochs: list[EpochReport]
     params: int
+    width: float
 
     @property
     def val_accuracy(self) -> float | None:
@@ -236,7 +237,7 @@ def train_student(
         on_epoch=on_epoch,
         progress=progress,
     )
-    return StudentResult(student, hp, reports, count_parameters(student))
+    return StudentResult(student, hp, reports, count_parameters(student), config.width)
 
 
 def test_accuracy(prepared: Prepared, model: nn.Module) -> float:
@@ -246,12 +247,12 @@ def test_accuracy(prepared: Prepared, model: nn.Module) -> float:
 
 def student_metadata(prepared: Prepared, result: StudentResult) -> dict[str, Any]:
     """What a student checkpoint records so `evaluate` and a re-run can rebuild it."""
-    config = prepared.config
+    config = dataclasses.replace(prepared.config, width=result.width)
     splits = prepared.splits
     return {
         "kind": "student",
         "model": config.student_model,
-        "width": config.width,
+        "width": result.width,
         "method": config.method,
         "dataset": splits.dataset,
         "data_fingerprint": splits.fingerprint,

@@ -143,7 +143,8 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
             "study": study.study_name,
             "storage": redact(url),
             "trial": trial.number,
-            "val_accuracy": trial.value,
+            "val_accuracy": trial.values[0],
+            "objectives": dict(zip(attrs.get("objectives", ["accuracy"]), trial.values, strict=True)),
             "artifact_id": trial.user_attrs.get("artifact_id"),
             "teacher_sha256": attrs.get("teacher_sha256"),
             "search_val_size": attrs.get("val_size"),
@@ -153,44 +154,68 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
 
 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
     if not complete:
         raise UserError(f"study {study.study_name!r} has no completed trial to export")
-    return sorted(complete, key=lambda t: (-t.value, t.number))[:top]
+    return sorted(complete, key=lambda t: (-t.values[0], t.number))[:top]
 
 
 def export_study(
-    storage_url: str | None, study_name: str, *, output: str | None, checkpoint: str | None, top: int
+    storage_url: str | None,
+    study_name: str,
+    *,
+    output: str | None,
+    checkpoint: str | None,
+    top: int,
+    pareto: bool = False,
 ) -> str:
-    """Write (or return, without ``output``) the best trials' configs; optionally fetch the best checkpoint."""
+    """Write (or return, without ``output``) the best trials' configs; optionally fetch checkpoints.
+
+    ``pareto`` exports every Pareto-optimal trial of a multi-objective study; then ``checkpoint`` is
+    a directory receiving ``trial-<n>.pt`` for each.
+    """
     if top <= 0:
         raise UserError(f"--top must be positive, got {top}")
     if output is not None and Path(output).suffix not in (".yaml", ".yml", ".json"):
         raise UserError(f"-o {output}: the file must end in .yaml, .yml or .json")
+    if pareto and checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint {checkpoint} must be a directory with --pareto")
     study, url = load_existing_study(storage_url, study_name)
-    trials = best_trials(study, top)
+    if pareto:
+        trials = sorted(study.best_trials, key=lambda t: t.values[1:]) if study.get_trials(deepcopy=False) else []
+        if not trials:
+            raise UserError(f"study {study_name!r} has no completed trial to export")
+    else:
+        trials = best_trials(study, top)
     configs = [trial_config(study, t, url) for t in trials]
-    document: dict[str, Any] = configs[0] if top == 1 else {"configs": configs}
+    document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
     as_json = output is not None and output.endswith(".json")
     text = json.dumps(document, indent=2) if as_json else yaml.safe_dump(document, sort_keys=False)
     if checkpoint is not None:
-        artifact_id = trials[0].user_attrs.get("artifact_id")
-        if artifact_id is None:
-            raise UserError(f"trial {trials[0].number} of {study_name!r} kept no checkpoint artifact")
-        target = Path(checkpoint)
-        store = ArtifactDirectory(artifact_root())
-
-        def fetch(tmp: Path) -> None:
-            tmp.unlink()  # optuna refuses to overwrite; atomic_write still renames into place
-            download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
-
-        try:
-            atomic_write(target, fetch)
-        except ArtifactNotFound:
-            raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
+        chosen = trials if pareto else trials[:1]
+        missing = [t.number for t in chosen if t.user_attrs.get("artifact_id") is None]
+        if missing:
+            raise UserError(f"trials {missing} of {study_name!r} kept no checkpoint artifact")
+        for trial in chosen:
+            target = Path(checkpoint) / f"trial-{trial.number}.pt" if pareto else Path(checkpoint)
+            fetch_artifact(trial.user_attrs["artifact_id"], target)
     if output is not None:
         atomic_write(output, lambda tmp: tmp.write_text(text))
     return text
+
+
+def fetch_artifact(artifact_id: str, target: Path) -> None:
+    """Download an artifact atomically to ``target``."""
+    store = ArtifactDirectory(artifact_root())
+
+    def fetch(tmp: Path) -> None:
+        tmp.unlink()  # optuna refuses to overwrite; atomic_write still renames into place
+        download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
+
+    try:
+        atomic_write(target, fetch)
+    except ArtifactNotFound:
+        raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
 
 
 def dashboard_app(storage_url: str | None) -> Any:

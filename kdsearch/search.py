@@ -47,6 +47,10 @@ PRUNERS = ("median", "hyperband", "percentile", "none")
 # Seconds between a running trial's heartbeats; a trial silent for twice that (its worker died) is
 # marked failed and retried by the next worker that starts a trial.
 DEFAULT_HEARTBEAT = 30
+# The student's width multiplier, searched when the student's size is an objective.
+WIDTH_SPACE = FloatParam(0.25, 2.0, log=True)
+# Objectives and their directions: validation accuracy, student parameters, latency (ms per image).
+OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "latency": "minimize"}
 # Points per float parameter when --sampler grid must discretise a continuous range.
 GRID_POINTS = 4
 
@@ -164,18 +168,35 @@ def artifact_root() -> Path:
 # --- spaces, samplers, pruners ---------------------------------------------------------------
 
 
-def build_space(strategy: Strategy, space_file: str | None, fixes: tuple[str, ...] | list[str]) -> Space:
-    """The strategy's default space, overlaid by the user's file, then ``--fix`` pins; all validated."""
+def build_space(
+    strategy: Strategy, space_file: str | None, fixes: tuple[str, ...] | list[str], *, search_width: bool = False
+) -> Space:
+    """The strategy's default space, overlaid by the user's file, then ``--fix`` pins; all validated.
+
+    With ``search_width`` (a size objective) the student's width multiplier joins the space.
+    """
     space: Space = dict(strategy.space)
+    extra: Space = {"width": WIDTH_SPACE} if search_width else {}
+    layers: list[Space] = []
     if space_file is not None:
-        user = load_space_file(space_file, strategy.name)
-        strategy.check_space(user)
-        space.update(user)
-    pins = parse_fixes(fixes)
-    strategy.check_space(dict(pins))
-    space.update(pins)
+        layers.append(load_space_file(space_file, strategy.name))
+    layers.append(dict(parse_fixes(fixes)))
+    for layer in layers:
+        if "width" in layer:
+            if not search_width:
+                raise UserError("width is searched only with a size objective: --objectives accuracy,params")
+            extra["width"] = _checked_width(layer.pop("width"))
+        strategy.check_space(layer)
+        space.update(layer)
     strategy.hyperparameters({k: v for k, v in space.items() if not is_distribution(v)})
-    return space
+    return {**space, **extra}
+
+
+def _checked_width(param: Any) -> Any:
+    low = param.low if isinstance(param, (FloatParam, IntParam)) else param
+    if isinstance(param, CategoricalParam) or isinstance(low, bool) or not isinstance(low, (int, float)) or low <= 0:
+        raise UserError("search space: width must be a positive number or a float range above 0")
+    return param
 
 
 def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
@@ -245,15 +266,27 @@ def make_pruner(name: str, epochs: int, startup: int, warmup: int | None) -> opt
 
 @dataclass
 class Objective:
-    """Train one student per trial; report every epoch; keep the best student as an artifact."""
+    """Train one student per trial; report every epoch; keep the best students as artifacts.
+
+    Single-objective: validation accuracy after the last epoch, reported every epoch for pruning.
+    Multi-objective: (accuracy, parameters, latency…) with no pruning (Optuna cannot prune
+    multi-objective trials on intermediate values), and every trial on the Pareto front so far keeps
+    its student.
+    """
 
     prepared: Prepared
     space: Space
     artifacts: ArtifactDirectory
+    objectives: tuple[str, ...] = ("accuracy",)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         config = self.prepared.config
         hp = suggest(trial, self.space)
+        width = hp.pop("width", None)
         trial.set_user_attr("seed", config.seed)
         # Pinned values are not trial params; recorded here so export rebuilds this trial exactly even
         # when another run of the same study pinned something else.
@@ -267,27 +300,42 @@ class Objective:
             seconds.append(round(report.seconds, 3))
             trial.set_user_attr("epoch_val_accuracy", accuracies)
             trial.set_user_attr("epoch_seconds", seconds)
+            if self.multi:
+                return
             trial.report(report.val_accuracy, report.epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {report.epoch} with {report.val_accuracy:.2f}%")
 
         try:
-            result = train_student(self.prepared, hp, on_epoch=on_epoch)
+            result = train_student(self.prepared, hp, on_epoch=on_epoch, width=width)
         except DivergedError as exc:
             trial.set_user_attr("failure", str(exc))
+            if self.multi:
+                raise  # Optuna cannot prune multi-objective trials: it ends failed, with the reason
             raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("params", result.params)
-        value = result.val_accuracy
-        assert value is not None
-        if self._is_best_so_far(trial, value):
-            self._keep_student(trial, result, value)
-        return value
+        accuracy = result.val_accuracy
+        assert accuracy is not None
+        values: dict[str, float] = {"accuracy": accuracy, "params": float(result.params)}
+        if "latency" in self.objectives:
+            values["latency"] = latency_ms(result.model, self.prepared)
+            trial.set_user_attr("latency_ms", values["latency"])
+        chosen = tuple(values[name] for name in self.objectives)
+        if self._is_best_so_far(trial, chosen):
+            self._keep_student(trial, result, accuracy)
+        return chosen if self.multi else accuracy
 
-    def _is_best_so_far(self, trial: optuna.Trial, value: float) -> bool:
-        try:
-            return value > trial.study.best_value
-        except ValueError:  # no completed trial yet
-            return True
+    def _is_best_so_far(self, trial: optuna.Trial, values: tuple[float, ...]) -> bool:
+        """Better than every finished trial (single objective), or dominated by none (several)."""
+        signs = [1.0 if OBJECTIVES[name] == "maximize" else -1.0 for name in self.objectives]
+        mine = [s * v for s, v in zip(signs, values, strict=True)]
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
+            if all(t >= m for t, m in zip(theirs, mine, strict=True)) and (
+                not self.multi or any(t > m for t, m in zip(theirs, mine, strict=True))
+            ):
+                return False
+        return True
 
     def _keep_student(self, trial: optuna.Trial, result: Any, value: float) -> None:
         metadata = student_metadata(self.prepared, result) | {
@@ -310,10 +358,33 @@ class Objective:
         trial.set_user_attr("artifact_id", artifact_id)
 
 
+def latency_ms(model: Any, prepared: Prepared, repeats: int = 50) -> float:
+    """Median milliseconds for one image (batch of 1) on the running device, after a warm-up."""
+    import statistics
+
+    import torch
+
+    from kdsearch.loop import predict
+
+    sample = prepared.splits.val.images[:1] if prepared.splits.val is not None else prepared.splits.train.images[:1]
+    times = []
+    for i in range(repeats + 10):
+        if prepared.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predict(model, sample, prepared.device)
+        if prepared.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 10:
+            times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
 # --- running a study -------------------------------------------------------------------------
 
 # Study user attributes that must agree when a run adds trials to an existing study.
 IDENTITY_KEYS = (
+    "objectives",
     "method",
     "dataset",
     "data_fingerprint",
@@ -354,12 +425,23 @@ def study_attributes(prepared: Prepared, space: Space) -> dict[str, Any]:
     }
 
 
+def check_objectives(objectives: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = tuple(objectives)
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown or not names or names[0] != "accuracy" or len(set(names)) != len(names):
+        raise UserError(
+            f"--objectives must start with accuracy and may add params and latency (each once), got {','.join(names)}"
+        )
+    return names
+
+
 def load_or_create_study(
     storage: optuna.storages.BaseStorage,
     study_name: str,
     attrs: dict[str, Any],
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
+    objectives: tuple[str, ...] = ("accuracy",),
 ) -> optuna.Study:
     """Create the study, or add to it when its identity (method, data, teacher, space…) agrees."""
     try:
@@ -378,11 +460,14 @@ def load_or_create_study(
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
-        direction="maximize",
+        directions=[OBJECTIVES[name] for name in objectives],
         sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(objectives))  # named axes in the dashboard and reports
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return study
@@ -414,12 +499,18 @@ class SearchPlan:
     trials: int | None
     timeout: float | None
     total: bool
+    objectives: tuple[str, ...] = ("accuracy",)
+
+    def objective(self, prepared: Prepared) -> Objective:
+        return Objective(prepared, self.space, ArtifactDirectory(artifact_root(), self.study_name), self.objectives)
 
     def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
         # Each worker gets its own sampler seed: identical seeds would propose identical startup trials.
         return make_sampler(self.sampler_name, self.config.seed + worker, self.space)
 
     def pruner(self) -> optuna.pruners.BasePruner:
+        if len(self.objectives) > 1:
+            return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
         return make_pruner(self.pruner_name, self.config.epochs, self.pruner_startup, self.pruner_warmup)
 
 
@@ -439,6 +530,7 @@ def run_search(
     n_jobs: int = 1,
     heartbeat: int | None = DEFAULT_HEARTBEAT,
     total: bool = False,
+    objectives: tuple[str, ...] = ("accuracy",),
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -462,8 +554,9 @@ def run_search(
     if config.val_size <= 0:
         raise UserError("a search needs a validation split to choose on: --val-size must be positive")
     config.check()
+    objectives = check_objectives(objectives)
     strategy = get_strategy(config.method)
-    space = build_space(strategy, space_file, fixes)
+    space = build_space(strategy, space_file, fixes, search_width=len(objectives) > 1)
     url = storage_url or default_storage_url()
     plan = SearchPlan(
         config,
@@ -478,6 +571,7 @@ def run_search(
         trials,
         timeout,
         total,
+        objectives,
     )
     plan.sampler(0), plan.pruner()  # unknown names and bad pruner settings fail before anything is created
     check_storage_url(url, create_parent=storage_url is None)
@@ -487,17 +581,14 @@ def run_search(
     storage = open_storage(url, heartbeat=heartbeat, create_parent=storage_url is None)
     # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = load_or_create_study(
-        storage, plan.study_name, study_attributes(prepared, space), plan.sampler(0), plan.pruner()
-    )
+    attrs = study_attributes(prepared, space) | {"objectives": list(objectives)}
+    study = load_or_create_study(storage, plan.study_name, attrs, plan.sampler(0), plan.pruner(), objectives)
     start = time.perf_counter()
     before = sum(counts(study)[k] for k in ("complete", "pruned"))
     if n_jobs == 1:
         bar = _ProgressBar(_bar_total(plan, before), progress)
         try:
-            _optimize(
-                study, Objective(prepared, space, ArtifactDirectory(artifact_root(), plan.study_name)), plan, [bar]
-            )
+            _optimize(study, plan.objective(prepared), plan, [bar])
         finally:
             bar.close()
     else:
@@ -540,8 +631,7 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int) -> 
     study = optuna.load_study(
         study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
     )
-    objective = Objective(prepared, plan.space, ArtifactDirectory(artifact_root(), plan.study_name))
-    _optimize(study, objective, plan, [], trials)
+    _optimize(study, plan.objective(prepared), plan, [], trials)
 
 
 def _run_workers(plan: SearchPlan, n_jobs: int, study: optuna.Study, progress: bool, before: int) -> None:
@@ -588,6 +678,25 @@ def _summary(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str,
         **counts(study),
         "wall_seconds": round(seconds, 2),
     }
+    if len(plan.objectives) > 1:
+        front = study.best_trials
+        summary |= {
+            "objectives": list(plan.objectives),
+            "pareto_front": [
+                {
+                    "trial": t.number,
+                    "values": t.values,
+                    "params": t.params,
+                    "artifact_id": t.user_attrs.get("artifact_id"),
+                }
+                for t in sorted(front, key=lambda t: t.values[1:])
+            ],
+            "best_value": None,
+            "best_trial": None,
+            "best_params": {},
+            "best_artifact_id": None,
+        }
+        return summary
     try:
         best = study.best_trial
         summary |= {
