@@ -547,3 +547,18 @@ def dashboard(storage: str | None, host: str, port: int) -> None:
         server.serve_forever()
     finally:
         server.server_close()
+
+
+@cli.command()
+@click.option("--study-name", required=True)
+@study_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The HTML file to write.")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False), default=None, help="Also write PNGs here.")
+def report(study_name: str, storage: str | None, output: str, png_dir: str | None) -> None:
+    """A self-contained HTML report of a study: history, pruning, importances, front, best trials."""
+    from kdsearch.report import write_report
+
+    result = write_report(storage, study_name, output, png_dir)
+    log(f"wrote {result['report']} ({', '.join(result['plots'])})")
+    for name, reason in result["skipped"].items():
+        log(f"skipped {name}: {reason}")

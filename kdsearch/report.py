@@ -1,0 +1,164 @@
+"""`kdsearch report`: one self-contained HTML file (and optionally PNGs) describing a study.
+
+The plots are Optuna's own (``optuna.visualization``, plotly), with plotly's JavaScript inlined
+once so the file opens without network access; ``--png DIR`` writes the same plots through
+``optuna.visualization.matplotlib``. A plot that needs more trials than the study has is listed
+with the reason instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch.errors import UserError
+from kdsearch.export import load_existing_study
+from kdsearch.fsutil import atomic_write
+
+PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "pareto_front")
+
+
+def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]]:
+    """The plots that fit this study, by name, each a thunk over ``module`` (plotly or matplotlib)."""
+    names = list(study.metric_names or ["accuracy"])
+    if len(study.directions) == 1:
+        return {
+            "optimization_history": lambda: module.plot_optimization_history(study, target_name=names[0]),
+            "intermediate_values": lambda: module.plot_intermediate_values(study),
+            "param_importances": lambda: module.plot_param_importances(study, target_name=names[0]),
+            "parallel_coordinate": lambda: module.plot_parallel_coordinate(study, target_name=names[0]),
+        }
+
+    def accuracy(t: FrozenTrial) -> float:
+        return t.values[0]
+
+    return {
+        "pareto_front": lambda: module.plot_pareto_front(study, target_names=names),
+        # Optuna's default evaluator (PED-ANOVA) ranks parameters for *low* targets: negate accuracy.
+        "param_importances": lambda: module.plot_param_importances(
+            study, target=lambda t: -t.values[0], target_name=f"{names[0]} (higher is better)"
+        ),
+        "parallel_coordinate": lambda: module.plot_parallel_coordinate(study, target=accuracy, target_name=names[0]),
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the matplotlib plots' experimental notice and PED-ANOVA's reminder (we negate accuracy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        yield
+
+
+def _best_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    if len(study.directions) > 1:
+        trials = sorted(study.best_trials, key=lambda t: t.values[1:])
+    else:
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        trials = sorted(done, key=lambda t: -t.values[0])[:10]
+    names = list(study.metric_names or ["accuracy"])
+    return [
+        {
+            "trial": t.number,
+            **{name: value for name, value in zip(names, t.values, strict=True)},
+            "params": t.params,
+            "checkpoint": t.user_attrs.get("artifact_id") or "-",
+        }
+        for t in trials
+    ]
+
+
+def write_report(storage_url: str | None, study_name: str, output: str, png_dir: str | None = None) -> dict[str, Any]:
+    """Write the HTML report (and PNGs); returns which plots were drawn and which were skipped, why."""
+    if Path(output).suffix not in (".html", ".htm"):
+        raise UserError(f"-o {output}: the report file must end in .html")
+    study, _ = load_existing_study(storage_url, study_name)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise UserError(f"study {study_name!r} has no completed trial to report on")
+    import optuna.visualization as plotly_plots
+
+    sections: list[str] = []
+    drawn: list[str] = []
+    skipped: dict[str, str] = {}
+    first = True
+    for name, draw in _plot_calls(study, plotly_plots).items():
+        try:
+            with _quiet():
+                figure = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            continue
+        body = figure.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False})
+        first = False
+        sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>\n{body}")
+        drawn.append(name)
+    for name, reason in skipped.items():
+        sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><p>not drawn: {html.escape(reason)}</p>")
+    rows = _best_rows(study)
+    table = _table(rows)
+    attrs = study.user_attrs
+    header = (
+        f"<h1>kdsearch study {html.escape(study.study_name)}</h1><p>method {html.escape(str(attrs.get('method')))},"
+        f" dataset {html.escape(str(attrs.get('dataset')))}, {attrs.get('epochs')} epochs, "
+        f"{len(study.trials)} trials</p>"
+    )
+    document = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>kdsearch: {html.escape(study.study_name)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}</style></head><body>"
+        f"{header}<h2>best trials</h2>{table}\n" + "\n".join(sections) + "</body></html>\n"
+    )
+    atomic_write(output, lambda tmp: tmp.write_text(document))
+    pngs: list[str] = []
+    if png_dir is not None:
+        pngs = _write_pngs(study, Path(png_dir), skipped)
+    return {"report": output, "plots": drawn, "skipped": skipped, "png": pngs, "best_trials": rows}
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    columns = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return html.escape(json.dumps(value, default=str))
+        return html.escape(str(value))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _write_pngs(study: optuna.Study, folder: Path, skipped: dict[str, str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as mpl_plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in _plot_calls(study, mpl_plots).items():
+        if name in skipped:
+            continue
+        with _quiet():
+            result = draw()
+        figure = (result.flat[0] if hasattr(result, "flat") else result).figure
+        path = folder / f"{name}.png"
+        atomic_write(path, lambda tmp, figure=figure: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(figure)
+        written.append(str(path))
+    return written
