@@ -171,9 +171,15 @@ def prepare(config: RunConfig, *, progress: bool = False, log: Callable[[str], N
         return Prepared(config, device, splits, None, None, None, 0.0)
     path = resolve_teacher(config, splits, device, progress=progress, log=log)
     teacher = load_teacher(path, config.teacher_model, splits, device)
-    layer = config.teacher_layer if strategy.uses_features else None
+    # The tapped layer is cached even for logit-only strategies (when the teacher has it), so one
+    # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
+    has_layer = config.teacher_layer in dict(teacher.model.named_modules())
+    layer = config.teacher_layer if strategy.uses_features or has_layer else None
     cached = teacher_outputs(teacher, splits, layer, device)
-    return Prepared(config, device, splits, cached.outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
+    outputs = cached.outputs
+    if not strategy.uses_features:
+        outputs = TeacherOutputs(outputs.logits, None, None)  # not indexed per step when unused
+    return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
 
 @dataclass
