@@ -47,6 +47,8 @@ PRUNERS = ("median", "hyperband", "percentile", "none")
 # Seconds between a running trial's heartbeats; a trial silent for twice that (its worker died) is
 # marked failed and retried by the next worker that starts a trial.
 DEFAULT_HEARTBEAT = 30
+# Attempts to open a storage whose tables another worker is creating at the same moment.
+TABLE_RACE_RETRIES = 5
 # The student's width multiplier, searched when the student's size is an objective.
 WIDTH_SPACE = FloatParam(0.25, 2.0, log=True)
 # Objectives and their directions: validation accuracy, student parameters, latency (ms per image).
@@ -99,28 +101,40 @@ def check_storage_url(url: str, *, create_parent: bool) -> None:
 
 def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool = False) -> optuna.storages.RDBStorage:
     """An RDB storage; SQLite waits for locks instead of failing, and dead workers' trials are retried."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     check_storage_url(url, create_parent=create_parent)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats are marked experimental in Optuna 5, yet they are its documented way to
-            # recover trials of dead workers; the warning would print once per worker.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            heartbeat_kwargs: dict[str, Any] = {}
-            if heartbeat is not None:
-                heartbeat_kwargs = {
-                    "heartbeat_interval": heartbeat,
-                    "grace_period": 2 * heartbeat + 1,
-                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                }
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+    with warnings.catch_warnings():
+        # Heartbeats are marked experimental in Optuna 5, yet they are its documented way to
+        # recover trials of dead workers; the warning would print once per worker.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat_kwargs: dict[str, Any] = {}
+        if heartbeat is not None:
+            heartbeat_kwargs = {
+                "heartbeat_interval": heartbeat,
+                "grace_period": 2 * heartbeat + 1,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            }
+        for attempt in range(TABLE_RACE_RETRIES + 1):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            except (IntegrityError, ProgrammingError, OperationalError) as exc:
+                # Workers started together on an empty database race to create Optuna's tables;
+                # the losers see "duplicate key" / "already exists" and succeed on a retry.
+                racing = any(word in str(exc) for word in ("already exists", "duplicate", "Duplicate"))
+                if not racing or attempt == TABLE_RACE_RETRIES:
+                    raise UserError(f"cannot open storage {redact(url)}: {_first_line(exc)}") from None
+                time.sleep(0.5 * (attempt + 1))
+            except (SQLAlchemyError, ImportError, ValueError) as exc:
+                raise UserError(f"cannot open storage {redact(url)}: {_first_line(exc)}") from None
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class ArtifactDirectory:
@@ -162,7 +176,9 @@ def safe_name(name: str) -> str:
 
 
 def artifact_root() -> Path:
-    return home_dir() / "artifacts"
+    """``KDSEARCH_ARTIFACTS`` (a directory every worker host mounts, for distributed studies), else
+    ``<home>/artifacts``."""
+    return Path(os.environ.get("KDSEARCH_ARTIFACTS") or home_dir() / "artifacts")
 
 
 # --- spaces, samplers, pruners ---------------------------------------------------------------
