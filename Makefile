@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 
-.PHONY: setup test lint bench bench-tutorial bench-studies soak clean
+.PHONY: setup test lint bench bench-tutorial bench-studies bench-speed soak clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ lint:
 	$(BIN)/ruff check kdsearch tests bench
 
 # Speed and accuracy targets live here, never in timed tests. The first run trains the teacher (~35 min).
-bench: bench-tutorial bench-studies
+bench: bench-tutorial bench-speed bench-studies
 
 bench-tutorial:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/tutorial.py --data-dir $(SHARED_CIFAR)
+
+# Tutorial loop vs kdsearch loop, distillation overhead, 1 vs 2 workers, storage share.
+bench-speed:
+	$(BIN)/python bench/speed.py --data-dir $(SHARED_CIFAR)
 
 # One 30-trial, 10-epoch study per strategy (about 20 min each on 2 CPU cores).
 bench-studies:

@@ -1,0 +1,211 @@
+"""Speed, side by side in one run on the shared CIFAR-10 copy; prints a table, writes JSON.
+
+(a) a tutorial-style KD epoch (torchvision ImageFolder + PIL transforms in a DataLoader, the teacher
+    run live on every batch, NCHW) against a kdsearch KD epoch in steady state, and the one-off cost
+    of building the teacher-output cache. The tutorial epoch is timed on --tutorial-batches batches
+    and scaled to a whole epoch (it is ~20x slower, and the rate is steady after the first batches).
+(b) kdsearch epochs of ce against kd, cosine and regressor: the distillation overhead.
+(c) a --study-trials-trial, 3-epoch study with 1 and with 2 worker processes.
+(d) time spent in the storage per trial, as a share of trial time (from the 1-worker study).
+Needs the dataset's default teacher (`make bench-tutorial` trains it once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tutorial_epoch_seconds(data_dir: str, teacher_path: Path, batches: int, n_train: int) -> float:
+    """The tutorial's loop: DataLoader + PIL transforms, live teacher per batch, NCHW student."""
+    from torch import nn
+    from torchvision import datasets, transforms
+
+    from kdsearch.checkpoints import load_checkpoint
+    from kdsearch.models import DeepNN, LightNN
+
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])]
+    )
+    train = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, num_workers=2)
+    teacher = DeepNN()
+    teacher.load_state_dict(load_checkpoint(teacher_path).state_dict)
+    teacher.eval()
+    torch.manual_seed(42)
+    student = LightNN()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    ce = nn.CrossEntropyLoss()
+    times = []
+    start = time.perf_counter()
+    for i, (inputs, labels) in enumerate(loader):
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        student_logits = student(inputs)
+        soft_targets = nn.functional.softmax(teacher_logits / 2, dim=-1)
+        soft_prob = nn.functional.log_softmax(student_logits / 2, dim=-1)
+        soft_loss = torch.sum(soft_targets * (soft_targets.log() - soft_prob)) / soft_prob.size()[0] * 4
+        loss = 0.25 * soft_loss + 0.75 * ce(student_logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+        if i + 1 >= batches:
+            break
+    steady = statistics.median(times[2:]) if len(times) > 4 else statistics.median(times)
+    return steady * ((n_train + 127) // 128)
+
+
+def kdsearch_epochs(data_dir: str, methods: list[str], epochs: int) -> dict[str, Any]:
+    from kdsearch.distill import RunConfig, prepare, train_student
+
+    out: dict[str, Any] = {}
+    for method in methods:
+        config = RunConfig(method=method, dataset="imagefolder", data_dir=data_dir, val_size=0, epochs=epochs)
+        prepared = prepare(config)
+        result = train_student(prepared, {})
+        out[method] = {
+            "epoch_seconds": [r.seconds for r in result.epochs],
+            "steady_seconds": statistics.median([r.seconds for r in result.epochs[1:]]),
+            "teacher_outputs_seconds": prepared.teacher_outputs_seconds,
+        }
+    return out
+
+
+def cache_build_seconds(data_dir: str) -> float:
+    from kdsearch.data import load_splits
+    from kdsearch.loop import compute_teacher_outputs, resolve_device
+    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path, load_teacher
+
+    device = resolve_device("auto")
+    splits = load_splits("imagefolder", data_dir, val_size=0, cache_dir=cache_dir()).to(device)
+    teacher = load_teacher(default_teacher_path(splits, TeacherRecipe()), None, splits, device)
+    start = time.perf_counter()
+    compute_teacher_outputs(teacher.model, splits.train.images, "features", device)
+    return time.perf_counter() - start
+
+
+class TimedStorage:
+    """Wraps an Optuna storage and adds up the seconds spent in its methods."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def study_seconds(data_dir: str, trials: int, n_jobs: int, timed: bool) -> dict[str, Any]:
+    from kdsearch import search
+    from kdsearch.distill import RunConfig
+
+    folder = Path(tempfile.mkdtemp(prefix="kdsearch-bench-"))
+    url = f"sqlite:///{folder / 'bench.db'}"
+    timer: TimedStorage | None = None
+    if timed:
+        real_open = search.open_storage
+
+        def open_timed(*args: Any, **kwargs: Any) -> Any:
+            nonlocal timer
+            timer = TimedStorage(real_open(*args, **kwargs))
+            return timer
+
+        search.open_storage = open_timed  # type: ignore[assignment]
+    config = RunConfig(method="kd", dataset="imagefolder", data_dir=data_dir, val_size=5000, epochs=3)
+    start = time.perf_counter()
+    try:
+        summary = search.run_search(
+            config,
+            study_name="bench",
+            storage_url=url,
+            trials=trials,
+            timeout=None,
+            pruner_name="none",
+            n_jobs=n_jobs,
+            progress=False,
+        )
+    finally:
+        if timed:
+            search.open_storage = real_open  # type: ignore[assignment]
+    wall = time.perf_counter() - start
+    out = {"wall_seconds": wall, "complete": summary["complete"]}
+    if timer is not None:
+        out["storage_seconds"] = timer.seconds
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
+    parser.add_argument("--tutorial-batches", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--study-trials", type=int, default=20)
+    parser.add_argument("--skip-study", action="store_true")
+    args = parser.parse_args()
+    from kdsearch.data import load_splits
+    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
+
+    splits = load_splits("imagefolder", args.data_dir, val_size=0, cache_dir=cache_dir())
+    teacher = default_teacher_path(splits, TeacherRecipe())
+    if not teacher.exists():
+        print(f"no teacher at {teacher}: run `make bench-tutorial` first", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {}
+    result["tutorial_epoch_seconds"] = tutorial_epoch_seconds(
+        args.data_dir, teacher, args.tutorial_batches, len(splits.train)
+    )
+    result["cache_build_seconds"] = cache_build_seconds(args.data_dir)
+    result["epochs"] = kdsearch_epochs(args.data_dir, ["ce", "kd", "cosine", "regressor"], args.epochs)
+    kd = result["epochs"]["kd"]["steady_seconds"]
+    ce = result["epochs"]["ce"]["steady_seconds"]
+    rows = [
+        ("(a) tutorial KD epoch / kdsearch KD epoch", result["tutorial_epoch_seconds"] / kd, ">= 20"),
+        (
+            "(a) cache build / tutorial KD epoch",
+            result["cache_build_seconds"] / result["tutorial_epoch_seconds"],
+            "<= 1",
+        ),
+    ]
+    for method in ("kd", "cosine", "regressor"):
+        rows.append((f"(b) {method} epoch / ce epoch", result["epochs"][method]["steady_seconds"] / ce, "<= 1.10"))
+    if not args.skip_study:
+        one = study_seconds(args.data_dir, args.study_trials, 1, timed=True)
+        two = study_seconds(args.data_dir, args.study_trials, 2, timed=False)
+        result["study_1_worker"], result["study_2_workers"] = one, two
+        rows.append(("(c) study wall, 1 worker / 2 workers", one["wall_seconds"] / two["wall_seconds"], ">= 1.3"))
+        rows.append(("(d) storage seconds / trial seconds", one["storage_seconds"] / one["wall_seconds"], "< 0.01"))
+    result["rows"] = [{"measure": m, "value": v, "target": t} for m, v, t in rows]
+    print(f"{'measure':<45} {'value':>8}  target")
+    for measure, value, target in rows:
+        print(f"{measure:<45} {value:>8.3f}  {target}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
