@@ -9,7 +9,7 @@ SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,postgres]'
+	$(BIN)/pip install -q -e '.[dev,postgres,mysql]'
 
 test:
 	$(BIN)/python -m pytest -q tests

@@ -303,3 +303,40 @@ def test_concurrent_builders_produce_one_cache(pattern_folder: Path, pattern_tea
     assert sorted(built for built, _ in results) == [False, True]  # one built it, the other waited and read it
     assert results[0][1] == results[1][1]
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 1
+
+
+MYSQL_URL = os.environ.get("KDSEARCH_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def test_a_study_on_mysql(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(MYSQL_URL).connect():
+            pass
+    except Exception:  # noqa: BLE001
+        pytest.skip(f"MySQL/MariaDB not reachable at {MYSQL_URL}")
+    name = f"mysql-{uuid.uuid4().hex[:8]}"
+    try:
+        code, _, err = run_cli(
+            optimize_args(
+                pattern_folder,
+                pattern_teacher,
+                "--trials",
+                "2",
+                "--epochs",
+                "1",
+                "--storage",
+                MYSQL_URL,
+                "--study-name",
+                name,
+            ),
+            capsys,
+        )
+        assert code == 0, err
+        trials = optuna.load_study(study_name=name, storage=MYSQL_URL).get_trials()
+        assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    finally:
+        optuna.delete_study(study_name=name, storage=MYSQL_URL)
