@@ -137,7 +137,7 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
         "student_model": attrs.get("student_model", "lightnn"),
         "teacher_layer": attrs.get("teacher_layer", "features"),
         "student_layer": attrs.get("student_layer", "features"),
-        "width": trial.params.get("width", attrs.get("width", 1.0)),
+        "width": hyperparameters.get("width", attrs.get("width", 1.0)),  # searched or pinned, else the study's
         "hyperparameters": {k: v for k, v in hyperparameters.items() if k != "width"},
         "source": {
             "study": study.study_name,
