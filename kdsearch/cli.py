@@ -344,7 +344,12 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.option("--method", type=click.Choice(METHODS), required=True)
-@click.option("--trials", type=int, default=None, help="Trials to run in this process.")
+@click.option(
+    "--trials",
+    type=int,
+    default=None,
+    help="Trials this invocation runs (all --n-jobs workers together); with --total, the study's total.",
+)
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
 @data_options(default_val_size=5000)
 @click.option("--epochs", type=int, default=10, show_default=True)
