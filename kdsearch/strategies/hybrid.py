@@ -14,13 +14,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdsearch.spaces import CategoricalParam, FloatParam, IntParam
+from kdsearch.spaces import FloatParam
 from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
-from kdsearch.strategies.cosine import REDUCTIONS, CosineFeatureLoss
-from kdsearch.strategies.kd import soft_target_loss
+from kdsearch.strategies.cosine import REDUCTIONS, CosineFeatureLoss, CosineFeatures
+from kdsearch.strategies.kd import SoftTargets, soft_target_loss
 from kdsearch.strategies.regressor import (
-    DISTANCES,
-    KERNEL_SIZES,
     FeatureRegressor,
     RegressorLoss,
     build_regressor,
@@ -56,30 +54,26 @@ class Hybrid(Strategy):
     summary = "KD, cosine and regressor losses together, each weight searchable down to zero"
     uses_teacher_logits = True
     uses_features = True
+    # The single strategies' own parameters are taken from them, so their ranges stay in one place.
+    _REGRESSOR_SHAPE = ("kernel_size", "depth", "hidden_channels", "distance")
     tutorial = {
         "lr": 1e-3,
         "ce_weight": 1.0,
         "kd_weight": 0.0,
-        "temperature": 2.0,
+        "temperature": SoftTargets.tutorial["temperature"],
         "cosine_weight": 0.0,
-        "reduce": "avg",
+        "reduce": CosineFeatures.tutorial["reduce"],
         "regressor_weight": 0.0,
-        "kernel_size": 3,
-        "depth": 1,
-        "hidden_channels": 32,
-        "distance": "mse",
+        **{name: FeatureRegressor.tutorial[name] for name in _REGRESSOR_SHAPE},
     }
     space = {
         **LEARNING_RATE_SPACE,
         "kd_weight": FloatParam(0.0, 2.0),
-        "temperature": FloatParam(1.0, 8.0),
+        "temperature": SoftTargets.space["temperature"],
         "cosine_weight": FloatParam(0.0, 2.0),
-        "reduce": CategoricalParam(REDUCTIONS),
+        "reduce": CosineFeatures.space["reduce"],
         "regressor_weight": FloatParam(0.0, 2.0),
-        "kernel_size": CategoricalParam(KERNEL_SIZES),
-        "depth": IntParam(1, 3),
-        "hidden_channels": CategoricalParam((16, 32, 64)),
-        "distance": CategoricalParam(DISTANCES),
+        **{name: FeatureRegressor.space[name] for name in _REGRESSOR_SHAPE},
     }
     optional = ("ce_weight",)
 
