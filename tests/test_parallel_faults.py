@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 
 from kdsearch.fsutil import atomic_write
 from tests.conftest import run_cli
+from tests.stalling_model import MODEL as STALLING_MODEL
+from tests.stalling_model import STALL_VARIABLE
 
 POSTGRES_URL = os.environ.get("KDSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -43,26 +45,26 @@ def optimize_args(folder: Path, teacher: Path, *extra: str) -> list[str]:
     ]
 
 
-def spawn(args: list[str], home: Path) -> subprocess.Popen:
+def spawn(args: list[str], home: Path, stall: Path | None = None) -> subprocess.Popen:
+    """Run the CLI in a child process; with `stall`, its first training step blocks (see stalling_model)."""
     env = {**os.environ, "KDSEARCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop(STALL_VARIABLE, None)
+    if stall is not None:
+        env[STALL_VARIABLE] = str(stall)
     return subprocess.Popen(
         [sys.executable, "-m", "kdsearch", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def wait_for_running_trial(storage: str, name: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_stall(marker: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until the child is inside a trial's training loop, where the stalling student holds it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
-        try:
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.RUNNING,))
-            if trials:
-                time.sleep(1.0)  # let it get into the training loop
-                return
-        except Exception:  # noqa: BLE001 - the study (or the SQLite file) does not exist yet
-            pass
-        time.sleep(0.3)
-    raise AssertionError("no trial started in time")
+        if marker.exists():
+            return
+        time.sleep(0.1)
+    raise AssertionError("no trial reached its training loop in time")
 
 
 def postgres_available() -> bool:
@@ -122,9 +124,12 @@ def _signal_and_resume(
     home: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = optimize_args(folder, teacher, "--epochs", "40", "--study-name", name, "--storage", storage)
-    process = spawn([*args, "--trials", "5"], home)
-    wait_for_running_trial(storage, name, process)
+    args = optimize_args(
+        folder, teacher, "--epochs", "2", "--study-name", name, "--storage", storage, "--student-model", STALLING_MODEL
+    )
+    marker = home.parent / "stalled"
+    process = spawn([*args, "--trials", "5"], home, stall=marker)
+    wait_for_stall(marker, process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == code, err
@@ -180,10 +185,13 @@ def _kill_and_recover(
         "--total",
         "--epochs",
         "2",
+        "--student-model",
+        STALLING_MODEL,
     )
-    victim = spawn([*args[:-5], "--trials", "3", "--total", "--epochs", "2"], home)
-    wait_for_running_trial(storage, name, victim)
-    victim.kill()  # kill -9: no chance to close its trial
+    marker = home.parent / "stalled"
+    victim = spawn(args, home, stall=marker)
+    wait_for_stall(marker, victim)
+    victim.kill()  # kill -9 inside the training loop: no chance to close its trial
     victim.wait(timeout=30)
     time.sleep(4)  # past the heartbeat grace period (2 x 1 s + 1 s)
     survivor = spawn(args, home)
