@@ -413,6 +413,12 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="accuracy, or a multi-objective search: accuracy,params and/or latency (adds --width to the space).",
 )
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="Start a new study with the tutorial's hand-set hyperparameters as trial 0 (not with --sampler grid).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def optimize(
@@ -430,6 +436,7 @@ def optimize(
     total: bool,
     heartbeat: int,
     objectives: str,
+    baseline: bool,
     as_json: bool,
     quiet: bool,
     **options: Any,
@@ -459,6 +466,7 @@ def optimize(
         heartbeat=heartbeat,
         total=total,
         objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
+        baseline=baseline,
         progress=not quiet,
         log=log,
     )

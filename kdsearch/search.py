@@ -230,6 +230,26 @@ def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
     return hp
 
 
+def _holds(param: Any, value: Any) -> bool:
+    if isinstance(param, (FloatParam, IntParam)):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and param.low <= value <= param.high
+    if isinstance(param, CategoricalParam):
+        return value in param.choices
+    return False
+
+
+def baseline_params(strategy: Strategy, space: Space) -> dict[str, Any]:
+    """The tutorial's hand-set values of the searched parameters, where the space can hold them.
+
+    Enqueued as a new study's first trial, they make the hand-set config one of the candidates, so
+    the best trial is never worse on validation than the tutorial, and a size search (width 1 is the
+    tutorial's LightNN) shows the tutorial's student on its front. Parameters the tutorial does not
+    set, or whose value the user's space excludes, are left to the sampler.
+    """
+    values = {**strategy.hyperparameters(), "width": 1.0}
+    return {name: values[name] for name, param in space.items() if name in values and _holds(param, values[name])}
+
+
 def grid_of(space: Space) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for name, param in space.items():
@@ -547,13 +567,15 @@ def run_search(
     heartbeat: int | None = DEFAULT_HEARTBEAT,
     total: bool = False,
     objectives: tuple[str, ...] = ("accuracy",),
+    baseline: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`kdsearch optimize`: validate everything, then open the study and run its trials.
 
     ``trials`` is per run (split over ``n_jobs`` worker processes), or with ``total`` the study's
-    total of finished (complete or pruned) trials, whoever runs them.
+    total of finished (complete or pruned) trials, whoever runs them. With ``baseline``, a new study's
+    first trial is the tutorial's hand-set config (`baseline_params`).
     """
     if trials is not None and trials <= 0:
         raise UserError(f"--trials must be positive, got {trials}")
@@ -599,6 +621,9 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     attrs = study_attributes(prepared, space) | {"objectives": list(objectives)}
     study = load_or_create_study(storage, plan.study_name, attrs, plan.sampler(0), plan.pruner(), objectives)
+    if baseline and sampler_name != "grid" and not study.get_trials(deepcopy=False):
+        # skip_if_exists: two processes starting the same new study enqueue it once.
+        study.enqueue_trial(baseline_params(strategy, space), user_attrs={"baseline": "tutorial"}, skip_if_exists=True)
     start = time.perf_counter()
     before = sum(counts(study)[k] for k in ("complete", "pruned"))
     if n_jobs == 1:

@@ -62,6 +62,7 @@ def test_multi_objective_study_and_pareto_export(
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # no pruning in multi-objective studies
     assert all("width" in t.params and t.values[1] == t.user_attrs["params"] for t in trials)
     assert len({t.values[1] for t in trials}) > 1  # the width search changes the student's size
+    assert trials[0].params["width"] == 1.0 and trials[0].values[1] == 267_738  # the tutorial's LightNN
     front = study.best_trials
     assert {t["trial"] for t in summary["pareto_front"]} == {t.number for t in front}
 

@@ -69,6 +69,11 @@ def test_each_strategy_runs_a_study(
     assert attrs["kdsearch_version"]
     assert (attrs["teacher_sha256"] is None) == (method == "ce")
     assert best.intermediate_values.keys() == {1, 2}
+    # A new study starts from the tutorial's hand-set config, so the search never ends below it on val.
+    tutorial = STRATEGIES[method].hyperparameters()
+    assert trials[0].user_attrs["baseline"] == "tutorial" and trials[0].params["lr"] == 1e-3
+    assert all(trials[0].params[k] == tutorial[k] for k in trials[0].params if k in tutorial)
+    assert not any("baseline" in t.user_attrs for t in trials[1:])
 
 
 def test_a_bad_trial_is_pruned_and_reruns_add_trials(
@@ -93,6 +98,11 @@ def test_a_bad_trial_is_pruned_and_reruns_add_trials(
     assert len(trials) == 3  # the second run added to the same study
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert trials[2].user_attrs["fixed_params"]["lr"] == 1e-7 and trials[2].last_step == 1
+    # The baseline is the first trial of a new study only; the pinned lr kept it out of the baseline.
+    assert [("baseline" in t.user_attrs) for t in trials] == [True, False, False]
+    assert trials[0].params == {"temperature": 2.0, "soft_target_weight": 0.25}
+    assert run_cli([*base, "--trials", "1", "--no-baseline", "--study-name", "plain"], capsys)[0] == 0
+    assert "baseline" not in load(home, "plain").get_trials()[0].user_attrs
 
 
 def test_diverging_trials_are_pruned_with_the_reason(
