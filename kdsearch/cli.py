@@ -212,6 +212,7 @@ RUN_OPTIONS = (
     "teacher_layer",
     "student_layer",
     "width",
+    "precision",
 )
 
 
@@ -239,6 +240,13 @@ RUN_OPTIONS = (
 @click.option("--teacher-layer", default="features", show_default=True, help="Teacher layer tapped for features.")
 @click.option("--student-layer", default="features", show_default=True, help="Student layer tapped for features.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Student width multiplier.")
+@click.option(
+    "--precision",
+    type=click.Choice(("fp32", "bf16", "fp16")),
+    default="fp32",
+    show_default=True,
+    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
+)
 @click.option(
     "--rank", type=int, default=1, show_default=True, help="Which config of an `export --top K` file (1 = best)."
 )
@@ -388,6 +396,13 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--teacher-layer", default="features", show_default=True)
 @click.option("--student-layer", default="features", show_default=True)
 @click.option("--width", type=float, default=1.0, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(("fp32", "bf16", "fp16")),
+    default="fp32",
+    show_default=True,
+    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
+)
 @click.option(
     "--n-jobs",
     type=int,

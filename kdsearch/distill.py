@@ -20,7 +20,17 @@ from torch import nn
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
-from kdsearch.loop import EpochReport, TeacherOutputs, evaluate, feature_shape, fit, prepare_module, resolve_device
+from kdsearch.loop import (
+    PRECISIONS,
+    EpochReport,
+    TeacherOutputs,
+    check_precision,
+    evaluate,
+    feature_shape,
+    fit,
+    prepare_module,
+    resolve_device,
+)
 from kdsearch.models import build_model, count_parameters
 from kdsearch.spaces import read_structured_file
 from kdsearch.strategies import get_strategy
@@ -53,6 +63,7 @@ class RunConfig:
     teacher_layer: str = "features"
     student_layer: str = "features"
     width: float = 1.0
+    precision: str = "fp32"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -68,6 +79,8 @@ class RunConfig:
             raise UserError(f"limit-train must be a positive integer, got {self.limit_train!r}")
         if not isinstance(self.width, (int, float)) or not math.isfinite(self.width) or self.width <= 0:
             raise UserError(f"width must be positive, got {self.width!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.hyperparameters, dict):
             raise UserError("hyperparameters must be a mapping of name to value")
 
@@ -164,6 +177,7 @@ def prepare(config: RunConfig, *, progress: bool = False, log: Callable[[str], N
     strategy = get_strategy(config.method)
     strategy.hyperparameters(config.hyperparameters)  # fail on bad values before loading anything
     device = resolve_device(config.device)
+    check_precision(config.precision, device)
     splits = load_splits(
         config.dataset, config.data_dir, val_size=config.val_size, limit_train=config.limit_train, cache_dir=cache_dir()
     ).to(device)
@@ -242,6 +256,7 @@ def train_student(
         val=splits.val,
         on_epoch=on_epoch,
         progress=progress,
+        precision=config.precision,
     )
     return StudentResult(student, hp, reports, count_parameters(student), config.width)
 

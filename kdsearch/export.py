@@ -138,6 +138,7 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
         "teacher_layer": attrs.get("teacher_layer", "features"),
         "student_layer": attrs.get("student_layer", "features"),
         "width": hyperparameters.get("width", attrs.get("width", 1.0)),  # searched or pinned, else the study's
+        "precision": attrs.get("precision", "fp32"),
         "hyperparameters": {k: v for k, v in hyperparameters.items() if k != "width"},
         "source": {
             "study": study.study_name,

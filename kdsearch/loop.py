@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,24 @@ EVAL_BATCH_SIZE = 1024
 # How often (in steps) the running loss is checked for NaN/inf: each check syncs a GPU, and a
 # diverged run is caught within this many steps (and always at the end of an epoch).
 FINITE_CHECK_EVERY = 50
+# Training precisions: fp32, or autocast with bf16 (CPU and CUDA) or fp16 (CUDA, with a gradient
+# scaler). Weights, optimizer state, losses and evaluation stay float32 in every case.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Reject a precision the device cannot train in, before any data is loaded."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
+    """The forward-pass context for ``precision``: autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @dataclass
@@ -105,11 +123,15 @@ def fit(
     val: Split | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> list[EpochReport]:
     """Train ``model`` (and ``loss_fn``'s own parameters) with Adam for ``epochs`` epochs.
 
     ``train``/``val``/``teacher`` must already be on ``device``. ``student_layer`` taps the student's
-    features for losses that need them. Raises ``DivergedError`` on a non-finite loss.
+    features for losses that need them. Raises ``DivergedError`` on a non-finite loss. With a
+    reduced ``precision`` only the student's forward pass runs under autocast: its outputs are cast
+    back to float32 before the loss, so softmax, temperature scaling and feature distances (and the
+    cached float32 teacher outputs they meet) keep full precision.
     """
     if epochs <= 0:
         raise UserError(f"epochs must be positive, got {epochs}")
@@ -117,8 +139,11 @@ def fit(
         raise UserError(f"batch size must be positive, got {batch_size}")
     if teacher is not None and len(teacher) != len(train):
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
+    check_precision(precision, device)
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(seed)
     n = len(train)
     reports: list[EpochReport] = []
@@ -140,18 +165,21 @@ def fit(
                 for steps, begin in enumerate(range(0, n, batch_size), start=1):
                     index = order[begin : begin + batch_size]
                     images = _as_input(train.images[index], device)
-                    logits = model(images)
-                    inputs = LossInputs(logits, train.labels[index])
-                    if tap is not None:
-                        inputs.student_features = tap.take()
+                    with autocast(precision, device):
+                        logits = model(images)
+                        features = tap.take() if tap is not None else None
+                    inputs = LossInputs(logits.float(), train.labels[index])
+                    if features is not None:
+                        inputs.student_features = features.float()
                     if teacher is not None:
                         inputs.teacher_logits = teacher.logits[index]
                         if teacher.features is not None:
                             inputs.teacher_features = teacher.features[index]
                     loss = loss_fn(inputs)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     running += loss.detach()
                     if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(running):
                         raise DivergedError(epoch, steps, float(loss.detach()))

@@ -28,7 +28,7 @@ from kdsearch import __version__
 from kdsearch.checkpoints import save_checkpoint
 from kdsearch.distill import Prepared, RunConfig, prepare, student_metadata, train_student
 from kdsearch.errors import UserError
-from kdsearch.loop import DivergedError, EpochReport
+from kdsearch.loop import DivergedError, EpochReport, check_precision, resolve_device
 from kdsearch.spaces import (
     CategoricalParam,
     FloatParam,
@@ -433,6 +433,7 @@ IDENTITY_KEYS = (
     "width",
     "teacher_layer",
     "student_layer",
+    "precision",
 )
 
 
@@ -456,6 +457,7 @@ def study_attributes(prepared: Prepared, space: Space) -> dict[str, Any]:
         "teacher_layer": config.teacher_layer,
         "student_layer": config.student_layer,
         "width": config.width,
+        "precision": config.precision,
         "search_space": space_to_dict(space),
         "kdsearch_version": __version__,
     }
@@ -592,6 +594,7 @@ def run_search(
     if config.val_size <= 0:
         raise UserError("a search needs a validation split to choose on: --val-size must be positive")
     config.check()
+    check_precision(config.precision, resolve_device(config.device))  # before the storage folder is made
     objectives = check_objectives(objectives)
     strategy = get_strategy(config.method)
     space = build_space(strategy, space_file, fixes, search_width=len(objectives) > 1)

@@ -105,6 +105,15 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_fp16_on_the_cpu_is_a_user_error(pattern_folder: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--method", "ce", "--dataset", "imagefolder", "--data-dir", pattern_folder, "--device", "cpu"]
+    for command in (["train", *args], ["optimize", *args, "--trials", "1"]):
+        code, _, err = run_cli([*command, "--precision", "fp16"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "needs a CUDA device" in err, err
+    assert not home.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_user_error(
     pattern_folder: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -234,3 +235,29 @@ def test_hybrid_with_every_distillation_weight_zero_is_ce(
         (32, 8, 8),
     )
     assert sum(p.numel() for p in loss_fn.parameters()) == 16 * 32 * 9 + 32
+
+
+@pytest.mark.parametrize("method", ["kd", "regressor"])
+def test_bf16_autocast_trains_with_float32_weights_and_losses(
+    method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    config = RunConfig(
+        method=method,
+        dataset="imagefolder",
+        data_dir=str(pattern_folder),
+        val_size=50,
+        epochs=2,
+        batch_size=32,
+        device="cpu",
+        teacher=str(pattern_teacher),
+    )
+    prepared = prepare(config)
+    fp32 = train_student(prepared, {"lr": 3e-3})
+    bf16 = train_student(
+        dataclasses.replace(prepared, config=dataclasses.replace(config, precision="bf16")), {"lr": 3e-3}
+    )
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    first32, first16 = fp32.epochs[0].train_loss, bf16.epochs[0].train_loss
+    assert first16 != first32  # the forward pass really ran in bf16 ...
+    assert abs(first16 - first32) < 0.1 * first32  # ... and trained the same way
+    assert bf16.val_accuracy is not None and bf16.val_accuracy > 30.0  # chance is 10 %
