@@ -7,6 +7,8 @@
 (b) kdsearch epochs of ce against kd, cosine and regressor: the distillation overhead.
 (c) a --study-trials-trial, 3-epoch study with 1 and with 2 worker processes.
 (d) time spent in the storage per trial, as a share of trial time (from the 1-worker study).
+(e) --precision bf16 against fp32 on the running device: a kd epoch's time, and the test accuracy of
+    the tutorial's kd recipe trained --precision-epochs epochs each way.
 Needs the dataset's default teacher (`make bench-tutorial` trains it once).
 """
 
@@ -68,18 +70,21 @@ def tutorial_epoch_seconds(data_dir: str, teacher_path: Path, batches: int, n_tr
     return steady * ((n_train + 127) // 128)
 
 
-def kdsearch_epochs(data_dir: str, methods: list[str], epochs: int) -> dict[str, Any]:
-    from kdsearch.distill import RunConfig, prepare, train_student
+def kdsearch_epochs(data_dir: str, methods: list[str], epochs: int, precision: str = "fp32") -> dict[str, Any]:
+    from kdsearch.distill import RunConfig, prepare, test_accuracy, train_student
 
     out: dict[str, Any] = {}
     for method in methods:
-        config = RunConfig(method=method, dataset="imagefolder", data_dir=data_dir, val_size=0, epochs=epochs)
+        config = RunConfig(
+            method=method, dataset="imagefolder", data_dir=data_dir, val_size=0, epochs=epochs, precision=precision
+        )
         prepared = prepare(config)
         result = train_student(prepared, {})
         out[method] = {
             "epoch_seconds": [r.seconds for r in result.epochs],
             "steady_seconds": statistics.median([r.seconds for r in result.epochs[1:]]),
             "teacher_outputs_seconds": prepared.teacher_outputs_seconds,
+            "test_accuracy": test_accuracy(prepared, result.model),
         }
     return out
 
@@ -165,6 +170,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--study-trials", type=int, default=20)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--precision-epochs", type=int, default=10, help="0 skips the bf16 accuracy runs.")
     args = parser.parse_args()
     from kdsearch.data import load_splits
     from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
@@ -192,6 +198,19 @@ def main() -> int:
     ]
     for method in ("kd", "cosine", "regressor"):
         rows.append((f"(b) {method} epoch / ce epoch", result["epochs"][method]["steady_seconds"] / ce, "<= 1.10"))
+    bf16 = kdsearch_epochs(args.data_dir, ["kd"], args.epochs, precision="bf16")["kd"]
+    result["epochs_bf16"] = {"kd": bf16}
+    rows.append(("(e) kd bf16 epoch / kd fp32 epoch", bf16["steady_seconds"] / kd, "< 1 to be worth it"))
+    if args.precision_epochs:
+        full = {p: kdsearch_epochs(args.data_dir, ["kd"], args.precision_epochs, p)["kd"] for p in ("fp32", "bf16")}
+        result["precision_accuracy"] = {p: r["test_accuracy"] for p, r in full.items()}
+        rows.append(
+            (
+                f"(e) kd test accuracy, bf16 - fp32 ({args.precision_epochs} ep.)",
+                full["bf16"]["test_accuracy"] - full["fp32"]["test_accuracy"],
+                "within noise (~0.5)",
+            )
+        )
     if not args.skip_study:
         one = study_seconds(args.data_dir, args.study_trials, 1, timed=True)
         two = study_seconds(args.data_dir, args.study_trials, 2, timed=False)
