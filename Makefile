@@ -18,7 +18,7 @@ lint:
 	$(BIN)/ruff check kdsearch tests bench
 
 # Speed and accuracy targets live here, never in timed tests. The first run trains the teacher (~35 min).
-bench: bench-tutorial bench-speed bench-studies
+bench: bench-tutorial bench-speed bench-studies bench-pareto
 
 bench-tutorial:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/tutorial.py --data-dir $(SHARED_CIFAR)
@@ -27,9 +27,13 @@ bench-tutorial:
 bench-speed:
 	$(BIN)/python bench/speed.py --data-dir $(SHARED_CIFAR)
 
-# One 30-trial, 10-epoch study per strategy (about 20 min each on 2 CPU cores).
+# One 30-trial, 10-epoch study per strategy and hybrid (about 20 min each on 2 CPU cores).
 bench-studies:
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR) --methods ce,kd,cosine,regressor,hybrid --n-jobs 2
+
+# Accuracy against size: a 30-trial multi-objective kd study, its Pareto front tested and plotted.
+bench-pareto:
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/pareto.py --data-dir $(SHARED_CIFAR) --n-jobs 2
 
 # Fault soak on the PostgreSQL server at 127.0.0.1:5432 (KDSEARCH_SOAK_STORAGE to use another).
 soak:

@@ -1,0 +1,164 @@
+"""Accuracy against size on the shared CIFAR-10 copy: a multi-objective study and its Pareto front.
+
+Runs `kdsearch optimize --objectives accuracy,params` (kd by default: 30 trials x 10 epochs, width
+searched in [0.25, 2], no pruning, seed 42, 5,000 validation images; its first trial is the
+tutorial's kd recipe on the tutorial's LightNN, width 1), exports every Pareto-optimal trial with
+its checkpoint, evaluates each checkpoint on the test split, and trains the tutorial's CE-only
+LightNN on the same train/val split as the yardstick. Prints a Markdown table, writes
+bench/results/pareto.json and a plot (bench/results/pareto.png unless --png says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tutorial import RESULTS, kdsearch
+
+LIGHTNN_PARAMS = 267_738
+
+
+def plot(path: Path, trials: list[dict], front: list[dict], ce: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([t["params"] for t in trials], [t["val"] for t in trials], c="0.7", s=18, label="trials")
+    front = sorted(front, key=lambda r: r["params"])
+    ax.plot(
+        [r["params"] for r in front], [r["val_accuracy"] for r in front], "o-", c="tab:blue", label="Pareto front (kd)"
+    )
+    label = "tutorial LightNN, CE only"
+    ax.scatter([ce["params"]], [ce["val_accuracy"]], marker="*", s=220, c="tab:red", zorder=5, label=label)
+    baseline = [t for t in trials if t["baseline"]]
+    ax.scatter(
+        [t["params"] for t in baseline],
+        [t["val"] for t in baseline],
+        marker="D",
+        s=60,
+        facecolors="none",
+        edgecolors="tab:green",
+        zorder=6,
+        label="tutorial LightNN, tutorial kd (trial 0)",
+    )
+    ax.axvline(LIGHTNN_PARAMS, c="tab:red", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters")
+    ax.set_ylabel("validation accuracy % (5,000 held-out train images)")
+    ax.set_title("kdsearch optimize --objectives accuracy,params (shared CIFAR-10 JPEG copy)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
+    parser.add_argument("--method", default="kd")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--study-name", default="bench-pareto")
+    parser.add_argument("--png", type=Path, default=RESULTS / "pareto.png")
+    args = parser.parse_args()
+    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir]
+    RESULTS.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    _, command = kdsearch(
+        "optimize",
+        "--method",
+        args.method,
+        *data,
+        "--objectives",
+        "accuracy,params",
+        "--trials",
+        str(args.trials),
+        "--epochs",
+        str(args.epochs),
+        "--n-jobs",
+        str(args.n_jobs),
+        "--study-name",
+        args.study_name,
+        "--json",
+        "-q",
+    )
+    wall = time.perf_counter() - start
+    exported, checkpoints = RESULTS / f"{args.study_name}.yaml", RESULTS / args.study_name
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdsearch",
+            "export",
+            "--study-name",
+            args.study_name,
+            "--pareto",
+            "-o",
+            str(exported),
+            "--checkpoint",
+            str(checkpoints),
+        ],
+        check=True,
+    )
+    front = []
+    for config in yaml.safe_load(exported.read_text())["configs"]:
+        trial = config["source"]["trial"]
+        scored, _ = kdsearch(
+            "evaluate", "--checkpoint", str(checkpoints / f"trial-{trial}.pt"), *data, "--val-size", "5000", "--json"
+        )
+        front.append(
+            {
+                "trial": trial,
+                "width": config["width"],
+                "params": int(config["source"]["objectives"]["params"]),
+                "val_accuracy": config["source"]["val_accuracy"],
+                "test_accuracy": scored["test_accuracy"],
+                "hyperparameters": config["hyperparameters"],
+            }
+        )
+    ce, _ = kdsearch("train", "--method", "ce", *data, "--val-size", "5000", "--json", "-q")
+    import optuna
+
+    from kdsearch.search import default_storage_url
+
+    study = optuna.load_study(study_name=args.study_name, storage=default_storage_url())
+    trials = [
+        {"params": t.values[1], "val": t.values[0], "baseline": "baseline" in t.user_attrs}
+        for t in study.get_trials(deepcopy=False)
+        if t.values
+    ]
+    plot(args.png, trials, front, ce)
+    yardstick = {"params": ce["params"], "val_accuracy": ce["val_accuracy"], "test_accuracy": ce["test_accuracy"]}
+    smaller = [r for r in front if r["params"] < LIGHTNN_PARAMS and r["test_accuracy"] >= ce["test_accuracy"]]
+    result = {
+        "command": command,
+        "wall_seconds": round(wall, 1),
+        "trials": len(trials),
+        "front": sorted(front, key=lambda r: r["params"]),
+        "ce_lightnn": yardstick,
+        "smaller_and_at_least_as_accurate": [r["trial"] for r in smaller],
+    }
+    (RESULTS / "pareto.json").write_text(json.dumps(result, indent=2))
+    print("| trial | width | params | val % | test % |")
+    print("|---|---|---|---|---|")
+    for r in result["front"]:
+        mark = " (smaller than LightNN, >= CE test)" if r in smaller else ""
+        print(
+            f"| {r['trial']} | {r['width']:.2f} | {r['params']:,} | {r['val_accuracy']:.2f} | "
+            f"{r['test_accuracy']:.2f}{mark} |"
+        )
+    print(f"| CE-only LightNN | 1.00 | {ce['params']:,} | {ce['val_accuracy']:.2f} | {ce['test_accuracy']:.2f} |")
+    print(f"{len(trials)} trials in {wall / 60:.0f} min; plot: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
