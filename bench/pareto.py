@@ -51,7 +51,7 @@ def plot(path: Path, trials: list[dict], front: list[dict], ce: dict) -> None:
     ax.axvline(LIGHTNN_PARAMS, c="tab:red", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("student parameters")
-    ax.set_ylabel("validation accuracy % (5,000 held-out train images)")
+    ax.set_ylabel("validation accuracy %")
     ax.set_title("kdsearch optimize --objectives accuracy,params (shared CIFAR-10 JPEG copy)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
@@ -66,10 +66,11 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--val-size", default="5000")
     parser.add_argument("--study-name", default="bench-pareto")
     parser.add_argument("--png", type=Path, default=RESULTS / "pareto.png")
     args = parser.parse_args()
-    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir]
+    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", args.val_size]
     RESULTS.mkdir(exist_ok=True)
     start = time.perf_counter()
     _, command = kdsearch(
@@ -111,9 +112,7 @@ def main() -> int:
     front = []
     for config in yaml.safe_load(exported.read_text())["configs"]:
         trial = config["source"]["trial"]
-        scored, _ = kdsearch(
-            "evaluate", "--checkpoint", str(checkpoints / f"trial-{trial}.pt"), *data, "--val-size", "5000", "--json"
-        )
+        scored, _ = kdsearch("evaluate", "--checkpoint", str(checkpoints / f"trial-{trial}.pt"), *data, "--json")
         front.append(
             {
                 "trial": trial,
@@ -124,7 +123,7 @@ def main() -> int:
                 "hyperparameters": config["hyperparameters"],
             }
         )
-    ce, _ = kdsearch("train", "--method", "ce", *data, "--val-size", "5000", "--json", "-q")
+    ce, _ = kdsearch("train", "--method", "ce", *data, "--json", "-q")
     import optuna
 
     from kdsearch.search import default_storage_url
