@@ -167,7 +167,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
     parser.add_argument("--tutorial-batches", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--study-trials", type=int, default=20)
     parser.add_argument("--skip-study", action="store_true")
     parser.add_argument("--precision-epochs", type=int, default=10, help="0 skips the bf16 accuracy runs.")

@@ -120,3 +120,14 @@ def test_regressor_rejects_unmatched_maps() -> None:
 def test_bad_hyperparameters_are_user_errors(method: str, given: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         get_strategy(method).hyperparameters(given)
+
+
+@pytest.mark.parametrize("how", ["avg", "max"])
+@pytest.mark.parametrize(("length", "size"), [(2048, 1024), (2048, 256), (1000, 300), (64, 64)])
+def test_reduce_to_equals_adaptive_pooling(how: str, length: int, size: int) -> None:
+    from kdsearch.strategies.cosine import reduce_to
+
+    vectors = torch.randn(3, length)
+    pool = nn.functional.adaptive_avg_pool1d if how == "avg" else nn.functional.adaptive_max_pool1d
+    expected = pool(vectors.unsqueeze(1), size).squeeze(1)
+    assert torch.allclose(reduce_to(vectors, size, how), expected, atol=1e-6)
