@@ -261,3 +261,28 @@ def test_bf16_autocast_trains_with_float32_weights_and_losses(
     assert first16 != first32  # the forward pass really ran in bf16 ...
     assert abs(first16 - first32) < 0.1 * first32  # ... and trained the same way
     assert bf16.val_accuracy is not None and bf16.val_accuracy > 30.0  # chance is 10 %
+
+
+def test_fp16_path_with_gradient_scaler_trains(pattern_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 is refused on the CPU for users; the test lifts that check to run the GPU's code path here."""
+    import kdsearch.loop as loop
+
+    monkeypatch.setattr(loop, "check_precision", lambda precision, device: None)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
+    torch.manual_seed(0)
+    model = prepare_module(LightNN(), CPU)
+    reports = fit(
+        model,
+        get_strategy("ce").build_loss({}, None, None),
+        splits.train,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        seed=0,
+        device=CPU,
+        val=splits.val,
+        precision="fp16",
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert reports[-1].train_loss < reports[0].train_loss
+    assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0
