@@ -463,6 +463,22 @@ def study_attributes(prepared: Prepared, space: Space) -> dict[str, Any]:
     }
 
 
+def teacher_saw_validation(prepared: Prepared) -> bool:
+    """Whether the frozen teacher was trained on (some of) the images this search validates on.
+
+    Then its outputs carry those images' labels, and a student that imitates the teacher closely
+    scores high on validation for that reason alone: the search favours strong distillation more
+    than the test split bears out. Validation rows are the first ``val_size`` rows of one fixed
+    permutation, so a teacher trained with ``--val-size V`` never saw the validation rows of a
+    search with ``val_size <= V``; a checkpoint with no record (the tutorial's own) is taken to
+    have trained on everything.
+    """
+    if prepared.teacher is None:
+        return False
+    held_out = (prepared.teacher_metadata.get("data") or {}).get("val_size") or 0
+    return held_out < prepared.config.val_size
+
+
 def check_objectives(objectives: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     names = tuple(objectives)
     unknown = [n for n in names if n not in OBJECTIVES]
@@ -622,8 +638,15 @@ def run_search(
     storage = open_storage(url, heartbeat=heartbeat, create_parent=storage_url is None)
     # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    attrs = study_attributes(prepared, space) | {"objectives": list(objectives)}
+    leaky = teacher_saw_validation(prepared)
+    attrs = study_attributes(prepared, space) | {"objectives": list(objectives), "teacher_saw_validation": leaky}
     study = load_or_create_study(storage, plan.study_name, attrs, plan.sampler(0), plan.pruner(), objectives)
+    if leaky and log is not None:
+        log(
+            f"warning: the teacher was trained on this search's {config.val_size} validation images, so "
+            f"imitating it inflates validation accuracy; for searches, train one with "
+            f"`kdsearch teacher --val-size {config.val_size}` and pass --teacher"
+        )
     if baseline and sampler_name != "grid" and not study.get_trials(deepcopy=False):
         # skip_if_exists: two processes starting the same new study enqueue it once.
         study.enqueue_trial(baseline_params(strategy, space), user_attrs={"baseline": "tutorial"}, skip_if_exists=True)

@@ -262,3 +262,25 @@ def test_dashboard_lists_the_study(
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_a_teacher_that_saw_the_validation_images_is_flagged(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pattern_teacher trained on every train image, the search's 50 validation images included.
+    code, _, err = run_cli(
+        optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "1", "--study-name", "leaky"), capsys
+    )
+    assert code == 0, err
+    assert "warning: the teacher was trained on this search's 50 validation images" in err
+    assert load(home, "leaky").user_attrs["teacher_saw_validation"] is True
+    held_out = tmp_path / "held-out.pt"
+    code, _, err = run_cli(
+        ["teacher", *DATA, "--data-dir", pattern_folder, "--epochs", "1", "--out", held_out, "-q"], capsys
+    )
+    assert code == 0, err
+    code, _, err = run_cli(
+        optimize(pattern_folder, held_out, "--method", "kd", "--trials", "1", "--study-name", "clean"), capsys
+    )
+    assert code == 0 and "warning" not in err
+    assert load(home, "clean").user_attrs["teacher_saw_validation"] is False
