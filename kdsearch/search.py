@@ -698,7 +698,21 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int) -> 
     study = optuna.load_study(
         study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
     )
+    if worker > 0:
+        _let_worker_0_take_waiting_trials(study)
     _optimize(study, plan.objective(prepared), plan, [], trials)
+
+
+def _let_worker_0_take_waiting_trials(study: optuna.Study, timeout: float = 120.0) -> None:
+    """Hold this worker back until the enqueued baseline trial has been claimed by worker 0.
+
+    SQLite has no row locks, so two workers asking for a trial at the same moment could both try to
+    claim the one waiting trial; letting one worker take it first removes the race at the cost of a
+    moment's delay at start-up (bounded, so a stuck worker 0 cannot hold the others forever).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        time.sleep(0.2)
 
 
 def _run_workers(plan: SearchPlan, n_jobs: int, study: optuna.Study, progress: bool, before: int) -> None:
