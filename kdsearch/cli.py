@@ -17,6 +17,7 @@ from click.core import ParameterSource
 
 from kdsearch.data import DATASETS
 from kdsearch.errors import UserError
+from kdsearch.loop import PRECISIONS
 from kdsearch.strategies import METHODS
 
 EXIT_USAGE = 2
@@ -196,6 +197,15 @@ def teacher(
     )
 
 
+# `train` and `optimize` take the same --precision (RunConfig.precision).
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
+)
+
 RUN_OPTIONS = (
     "method",
     "dataset",
@@ -240,13 +250,7 @@ RUN_OPTIONS = (
 @click.option("--teacher-layer", default="features", show_default=True, help="Teacher layer tapped for features.")
 @click.option("--student-layer", default="features", show_default=True, help="Student layer tapped for features.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Student width multiplier.")
-@click.option(
-    "--precision",
-    type=click.Choice(("fp32", "bf16", "fp16")),
-    default="fp32",
-    show_default=True,
-    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
-)
+@precision_option
 @click.option(
     "--rank", type=int, default=1, show_default=True, help="Which config of an `export --top K` file (1 = best)."
 )
@@ -396,13 +400,7 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--teacher-layer", default="features", show_default=True)
 @click.option("--student-layer", default="features", show_default=True)
 @click.option("--width", type=float, default=1.0, show_default=True)
-@click.option(
-    "--precision",
-    type=click.Choice(("fp32", "bf16", "fp16")),
-    default="fp32",
-    show_default=True,
-    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
-)
+@precision_option
 @click.option(
     "--n-jobs",
     type=int,

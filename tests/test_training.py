@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,20 @@ from kdsearch.strategies import LossInputs, get_strategy
 from kdsearch.teacher import load_teacher, teacher_outputs
 
 CPU = torch.device("cpu")
+
+
+def pattern_config(folder: Path, teacher: Path | None = None, **overrides: Any) -> RunConfig:
+    """A run on the generated pattern folder: 50 validation images, CPU, one epoch of batch 64."""
+    settings: dict[str, Any] = {
+        "dataset": "imagefolder",
+        "data_dir": str(folder),
+        "val_size": 50,
+        "epochs": 1,
+        "batch_size": 64,
+        "device": "cpu",
+        "teacher": str(teacher) if teacher is not None else None,
+    }
+    return RunConfig(**(settings | overrides))
 
 
 def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
@@ -44,16 +59,7 @@ def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
 
 
 def test_loop_is_reproducible_for_a_seed(pattern_folder: Path) -> None:
-    config = RunConfig(
-        method="ce",
-        dataset="imagefolder",
-        data_dir=str(pattern_folder),
-        val_size=50,
-        epochs=1,
-        batch_size=64,
-        device="cpu",
-    )
-    prepared = prepare(config)
+    prepared = prepare(pattern_config(pattern_folder, method="ce"))
     a = train_student(prepared, {})
     b = train_student(prepared, {})
     assert a.epochs[0].train_loss == b.epochs[0].train_loss
@@ -191,17 +197,7 @@ def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pa
 def test_every_strategy_trains_through_the_loop(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
-    config = RunConfig(
-        method=method,
-        dataset="imagefolder",
-        data_dir=str(pattern_folder),
-        val_size=50,
-        epochs=1,
-        batch_size=64,
-        device="cpu",
-        teacher=str(pattern_teacher),
-    )
-    prepared = prepare(config)
+    prepared = prepare(pattern_config(pattern_folder, pattern_teacher, method=method))
     assert isinstance(prepared.teacher, TeacherOutputs)
     result = train_student(prepared, {})
     assert result.params == 267_738  # the regressor is not part of the student
@@ -211,18 +207,9 @@ def test_every_strategy_trains_through_the_loop(
 def test_hybrid_with_every_distillation_weight_zero_is_ce(
     pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
-    common = {
-        "dataset": "imagefolder",
-        "data_dir": str(pattern_folder),
-        "val_size": 50,
-        "epochs": 1,
-        "batch_size": 64,
-        "device": "cpu",
-        "teacher": str(pattern_teacher),
-    }
-    ce = train_student(prepare(RunConfig(method="ce", **common)), {})
+    ce = train_student(prepare(pattern_config(pattern_folder, pattern_teacher, method="ce")), {})
     zero = {"kd_weight": 0.0, "cosine_weight": 0.0, "regressor_weight": 0.0}
-    hybrid = train_student(prepare(RunConfig(method="hybrid", **common)), zero)
+    hybrid = train_student(prepare(pattern_config(pattern_folder, pattern_teacher, method="hybrid")), zero)
     assert hybrid.epochs[0].train_loss == ce.epochs[0].train_loss
     assert hybrid.val_accuracy == ce.val_accuracy
     for a, b in zip(ce.model.parameters(), hybrid.model.parameters(), strict=True):
@@ -241,16 +228,7 @@ def test_hybrid_with_every_distillation_weight_zero_is_ce(
 def test_bf16_autocast_trains_with_float32_weights_and_losses(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
-    config = RunConfig(
-        method=method,
-        dataset="imagefolder",
-        data_dir=str(pattern_folder),
-        val_size=50,
-        epochs=2,
-        batch_size=32,
-        device="cpu",
-        teacher=str(pattern_teacher),
-    )
+    config = pattern_config(pattern_folder, pattern_teacher, method=method, epochs=2, batch_size=32)
     prepared = prepare(config)
     fp32 = train_student(prepared, {"lr": 3e-3})
     bf16 = train_student(
