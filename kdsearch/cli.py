@@ -176,7 +176,7 @@ def teacher(
     resolve_model_class(model)
     torch_device = resolve_device(device)
     splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
-    path = Path(out) if out else default_teacher_path(splits, recipe)
+    path = Path(out) if out else default_teacher_path(splits, recipe, val_size, limit_train)
     result = train_teacher(
         splits.to(torch_device),
         recipe,

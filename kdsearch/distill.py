@@ -153,29 +153,54 @@ def resolve_teacher(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """``--teacher PATH``, or the dataset's default teacher, trained once with the tutorial recipe."""
+    """``--teacher PATH``, or the dataset's default teacher, trained once with the tutorial recipe.
+
+    The default teacher holds out the same ``val_size`` validation rows as the run (the split is one
+    seeded permutation), so a search never validates on images whose labels its teacher learnt.
+    It trains on every other train row, whatever ``limit_train`` says, so one teacher serves all.
+    """
     if config.teacher is not None:
         path = Path(config.teacher)
         if not path.is_file():
             raise UserError(f"teacher checkpoint {path} does not exist")
         return path
     recipe = TeacherRecipe(model=config.teacher_model or "deepnn")
-    path = default_teacher_path(splits, recipe)
+    path = default_teacher_path(splits, recipe, config.val_size)
     if not path.exists():
         if log is not None:
-            log(f"no teacher for this dataset yet: training one ({recipe.epochs} epochs) into {path}")
-        full = load_splits(config.dataset, config.data_dir, val_size=0, cache_dir=cache_dir())
+            log(
+                f"no teacher for this dataset and validation split yet: "
+                f"training one ({recipe.epochs} epochs) into {path}"
+            )
+        held_out = load_splits(config.dataset, config.data_dir, val_size=config.val_size, cache_dir=cache_dir())
         train_teacher(
-            full.to(device), recipe, device, path, progress=progress, data_settings={"val_size": 0, "limit_train": None}
+            held_out.to(device),
+            recipe,
+            device,
+            path,
+            progress=progress,
+            data_settings={"val_size": config.val_size, "limit_train": None},
         )
     return path
 
 
-def prepare(config: RunConfig, *, progress: bool = False, log: Callable[[str], None] | None = None) -> Prepared:
-    """Load the data and the teacher's cached outputs once for all runs of ``config``."""
+def prepare(
+    config: RunConfig,
+    *,
+    augmentations: tuple[str, ...] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Prepared:
+    """Load the data and the teacher's cached outputs once for all runs of ``config``.
+
+    ``augmentations`` are those the runs may use (a search passes its space's choices; default:
+    the one ``config`` names); ``flip`` among them brings the teacher's mirrored-view outputs.
+    """
     config.check()
     strategy = get_strategy(config.method)
-    strategy.hyperparameters(config.hyperparameters)  # fail on bad values before loading anything
+    hp = strategy.hyperparameters(config.hyperparameters)  # fail on bad values before loading anything
+    if augmentations is None:
+        augmentations = (str(hp["augment"]),)
     device = resolve_device(config.device)
     check_precision(config.precision, device)
     splits = load_splits(
@@ -189,10 +214,10 @@ def prepare(config: RunConfig, *, progress: bool = False, log: Callable[[str], N
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
     has_layer = config.teacher_layer in dict(teacher.model.named_modules())
     layer = config.teacher_layer if strategy.uses_features or has_layer else None
-    cached = teacher_outputs(teacher, splits, layer, device)
+    cached = teacher_outputs(teacher, splits, layer, device, mirrored="flip" in augmentations)
     outputs = cached.outputs
     if not strategy.uses_features:
-        outputs = TeacherOutputs(outputs.logits, None, None)  # not indexed per step when unused
+        outputs = outputs.without_features()  # not indexed per step when unused
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
 
@@ -249,6 +274,8 @@ def train_student(
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=float(hp["lr"]),
+        lr_schedule=str(hp["lr_schedule"]),
+        augment=str(hp["augment"]),
         seed=config.seed,
         device=device,
         teacher=prepared.teacher,

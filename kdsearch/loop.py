@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kdsearch.data import Split
 from kdsearch.errors import UserError
+from kdsearch.recipe import AUGMENTATIONS, LR_SCHEDULES, learning_rate_at
 from kdsearch.strategies.base import LossInputs
 from kdsearch.taps import FeatureTap
 
@@ -47,18 +48,36 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager[obj
 
 @dataclass
 class TeacherOutputs:
-    """The frozen teacher's logits (and tapped features) for every train row, in row order."""
+    """The frozen teacher's logits (and tapped features) for every train row, in row order.
+
+    ``mirrored`` holds the same for the horizontally flipped images, when ``flip`` augmentation
+    may be used: a flipped row is paired with the teacher's view of that flipped image.
+    """
 
     logits: Tensor
     features: Tensor | None
     layer: str | None
+    mirrored: TeacherOutputs | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
     def to(self, device: torch.device) -> TeacherOutputs:
         features = self.features.to(device) if self.features is not None else None
-        return TeacherOutputs(self.logits.to(device), features, self.layer)
+        mirrored = self.mirrored.to(device) if self.mirrored is not None else None
+        return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored)
+
+    def without_features(self) -> TeacherOutputs:
+        """Logits only (so features are not indexed per step by a logit-only strategy)."""
+        mirrored = self.mirrored.without_features() if self.mirrored is not None else None
+        return TeacherOutputs(self.logits, None, None, mirrored)
+
+
+def _pick(flip: Tensor | None, plain: Tensor, flipped: Tensor) -> Tensor:
+    """Row-wise ``flipped`` where ``flip`` is set, else ``plain``."""
+    if flip is None:
+        return plain
+    return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), flipped, plain)
 
 
 @dataclass
@@ -124,8 +143,16 @@ def fit(
     on_epoch: Callable[[EpochReport], None] | None = None,
     progress: bool = False,
     precision: str = "fp32",
+    lr_schedule: str = "constant",
+    augment: str = "none",
 ) -> list[EpochReport]:
     """Train ``model`` (and ``loss_fn``'s own parameters) with Adam for ``epochs`` epochs.
+
+    ``lr_schedule`` (see ``kdsearch.recipe``) sets the rate before every step, over all the
+    run's steps, so it depends only on the step count and never on the pruner or the epoch count
+    seen so far. ``augment="flip"`` mirrors a random half of every batch (from its own seeded
+    generator, so the batch order is the same as without it) and pairs each mirrored row with the
+    teacher's cached outputs for the mirrored image.
 
     ``train``/``val``/``teacher`` must already be on ``device``. ``student_layer`` taps the student's
     features for losses that need them. Raises ``DivergedError`` on a non-finite loss. With a
@@ -140,18 +167,26 @@ def fit(
     if teacher is not None and len(teacher) != len(train):
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
     check_precision(precision, device)
+    if lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"unknown learning-rate schedule {lr_schedule!r}; use {', '.join(LR_SCHEDULES)}")
+    if augment not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation {augment!r}; use {', '.join(AUGMENTATIONS)}")
+    if augment == "flip" and teacher is not None and teacher.mirrored is None:
+        raise ValueError("flip augmentation needs the teacher's outputs for the mirrored images")
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(seed)
+    flip_generator = torch.Generator().manual_seed(seed + 1)
     n = len(train)
+    steps_per_epoch = (n + batch_size - 1) // batch_size
     reports: list[EpochReport] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs * ((n + batch_size - 1) // batch_size), unit="batch", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=epochs * steps_per_epoch, unit="batch", leave=False, dynamic_ncols=True)
     try:
         with ExitStack() as stack:
             tap = stack.enter_context(FeatureTap(model, student_layer)) if student_layer else None
@@ -164,7 +199,12 @@ def fit(
                 steps = 0
                 for steps, begin in enumerate(range(0, n, batch_size), start=1):
                     index = order[begin : begin + batch_size]
-                    images = _as_input(train.images[index], device)
+                    images = train.images[index]
+                    flip = None
+                    if augment == "flip":
+                        flip = (torch.rand(len(index), generator=flip_generator) < 0.5).to(device)
+                        images = _pick(flip, images, images.flip(-1))
+                    images = _as_input(images, device)
                     with autocast(precision, device):
                         logits = model(images)
                         features = tap.take() if tap is not None else None
@@ -172,10 +212,21 @@ def fit(
                     if features is not None:
                         inputs.student_features = features.float()
                     if teacher is not None:
+                        mirrored = teacher.mirrored if flip is not None else None
                         inputs.teacher_logits = teacher.logits[index]
+                        if mirrored is not None:
+                            inputs.teacher_logits = _pick(flip, inputs.teacher_logits, mirrored.logits[index])
                         if teacher.features is not None:
                             inputs.teacher_features = teacher.features[index]
+                            if mirrored is not None and mirrored.features is not None:
+                                inputs.teacher_features = _pick(flip, inputs.teacher_features, mirrored.features[index])
                     loss = loss_fn(inputs)
+                    if lr_schedule != "constant":
+                        step_lr = learning_rate_at(
+                            lr_schedule, lr, (epoch - 1) * steps_per_epoch + steps - 1, epochs * steps_per_epoch
+                        )
+                        for group in optimizer.param_groups:
+                            group["lr"] = step_lr
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -219,16 +270,28 @@ def evaluate(model: nn.Module, split: Split, device: torch.device) -> float:
 
 @torch.inference_mode()
 def compute_teacher_outputs(
-    teacher: nn.Module, images: Tensor, layer: str | None, device: torch.device, batch_size: int = 512
+    teacher: nn.Module,
+    images: Tensor,
+    layer: str | None,
+    device: torch.device,
+    batch_size: int = 512,
+    *,
+    mirrored: bool = False,
 ) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images``, keeping logits and the tapped layer's output."""
+    """Run the frozen teacher once over ``images`` (flipped left-right when ``mirrored``).
+
+    Keeps the logits and the tapped layer's output, row by row as ``images``.
+    """
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
         for i in range(0, len(images), batch_size):
-            logits.append(teacher(_as_input(images[i : i + batch_size], device)).float().cpu())
+            batch = images[i : i + batch_size]
+            if mirrored:
+                batch = batch.flip(-1)
+            logits.append(teacher(_as_input(batch, device)).float().cpu())
             if tap is not None:
                 features.append(tap.take().float().contiguous().cpu())
     return TeacherOutputs(torch.cat(logits), torch.cat(features) if features else None, layer)

@@ -555,6 +555,11 @@ class SearchPlan:
     total: bool
     objectives: tuple[str, ...] = ("accuracy",)
 
+    def augmentations(self) -> tuple[str, ...]:
+        """The augmentations trials may draw, so the teacher's outputs are cached for their views."""
+        param = self.space.get("augment", "none")
+        return tuple(map(str, param.choices)) if isinstance(param, CategoricalParam) else (str(param),)
+
     def objective(self, prepared: Prepared) -> Objective:
         return Objective(prepared, self.space, ArtifactDirectory(artifact_root(), self.study_name), self.objectives)
 
@@ -633,7 +638,7 @@ def run_search(
     plan.sampler(0), plan.pruner()  # unknown names and bad pruner settings fail before anything is created
     check_storage_url(url, create_parent=storage_url is None)
     # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
-    prepared = prepare(config, progress=progress, log=log)
+    prepared = prepare(config, augmentations=plan.augmentations(), progress=progress, log=log)
     _check_feature_shapes(prepared, strategy, space)
     storage = open_storage(url, heartbeat=heartbeat, create_parent=storage_url is None)
     # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
@@ -693,7 +698,7 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int) -> 
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    prepared = prepare(plan.config)
+    prepared = prepare(plan.config, augmentations=plan.augmentations())
     storage = open_storage(plan.storage_url, heartbeat=plan.heartbeat)
     study = optuna.load_study(
         study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()

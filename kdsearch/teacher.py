@@ -1,9 +1,11 @@
 """The teacher: train it once per dataset, load it safely, and cache its outputs once per study.
 
-Every trial of a study distils from the same frozen teacher on the same un-augmented images, so
-its logits and tapped features are computed once per (teacher checkpoint content, dataset, train
-rows, layer, normalisation), written atomically under ``<home>/cache/teacher/`` behind a file
-lock, and indexed by row in the loop. A cache whose key or shapes do not match is rebuilt.
+Every trial of a study distils from the same frozen teacher on the same images, so its logits and
+tapped features are computed once per (teacher checkpoint content, dataset, train rows, layer,
+normalisation, view), written atomically under ``<home>/cache/teacher/`` behind a file lock, and
+indexed by row in the loop. A cache whose key or shapes do not match is rebuilt. Augmentation is a
+fixed set of views (``flip``: the image and its mirror), so the teacher's outputs are cached once
+per view too and never computed live.
 """
 
 from __future__ import annotations
@@ -56,12 +58,24 @@ def cache_dir() -> Path:
     return home_dir() / "cache"
 
 
-def default_teacher_path(splits: TensorSplits, recipe: TeacherRecipe) -> Path:
-    """One teacher per dataset content and recipe, so every study on that dataset reuses it."""
+def default_teacher_path(
+    splits: TensorSplits, recipe: TeacherRecipe, val_size: int = 0, limit_train: int | None = None
+) -> Path:
+    """One teacher per dataset content, recipe and held-out validation size, reused by every study.
+
+    ``val_size`` is part of the name because a search must not validate on images its teacher was
+    trained on (the teacher's outputs would carry their labels): a search with ``--val-size V``
+    gets a teacher trained without those V rows, a re-train on the whole split (V = 0) another.
+    A teacher trained on a ``limit_train`` subset is named for it, so it never stands in for a full one.
+    """
     name = f"{recipe.model.replace(':', '_').replace('.', '_')}-{splits.dataset}-{splits.fingerprint}"
     if not recipe.is_tutorial():
         digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:8]
         name += f"-{digest}"
+    if val_size:
+        name += f"-val{val_size}"
+    if limit_train is not None:
+        name += f"-limit{limit_train}"
     return home_dir() / "teachers" / f"{name}.pt"
 
 
@@ -148,7 +162,10 @@ def load_teacher(
     return LoadedTeacher(prepare_module(model, device), Path(path), file_sha256(path), meta)
 
 
-def teacher_outputs_key(teacher: LoadedTeacher, splits: TensorSplits, layer: str | None) -> str:
+VIEWS = ("identity", "mirrored")
+
+
+def teacher_outputs_key(teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, view: str = "identity") -> str:
     """Everything the cached outputs depend on; any change gives a new key and a fresh cache."""
     parts = {
         "format": CACHE_FORMAT,
@@ -160,6 +177,7 @@ def teacher_outputs_key(teacher: LoadedTeacher, splits: TensorSplits, layer: str
         "mean": list(splits.mean),
         "std": list(splits.std),
         "layer": layer,
+        "view": view,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -186,24 +204,37 @@ class CachedOutputs:
 
 
 def teacher_outputs(
-    teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device
+    teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device, *, mirrored: bool = False
 ) -> CachedOutputs:
     """Teacher outputs for ``splits.train`` (on ``device``), from the cache or computed once and cached.
 
-    A file lock makes concurrent builders (worker processes) wait for the first one's cache rather
-    than compute it again; the cache is written atomically, so a crash never leaves a partial file.
+    With ``mirrored`` the outputs for the flipped images come along (``.mirrored``), for runs with
+    flip augmentation. A file lock makes concurrent builders (worker processes) wait for the first
+    one's cache rather than compute it again; the cache is written atomically, so a crash never
+    leaves a partial file.
     """
     start = time.perf_counter()
-    key = teacher_outputs_key(teacher, splits, layer)
+    outputs, built = _view_outputs(teacher, splits, layer, device, "identity")
+    if mirrored:
+        outputs.mirrored, built_mirror = _view_outputs(teacher, splits, layer, device, "mirrored")
+        built = built or built_mirror
+    return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)
+
+
+def _view_outputs(
+    teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device, view: str
+) -> tuple[TeacherOutputs, bool]:
+    key = teacher_outputs_key(teacher, splits, layer, view)
     path = cache_dir() / "teacher" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = len(splits.train)
-    built = False
     with FileLock(str(path) + ".lock"):
         outputs = _read_cache(path, key, rows, layer) if path.exists() else None
-        if outputs is None:
-            outputs = compute_teacher_outputs(teacher.model, splits.train.images, layer, device)
-            blob = {"format": CACHE_FORMAT, "key": key, "logits": outputs.logits, "features": outputs.features}
-            atomic_write(path, lambda tmp: torch.save(blob, tmp))
-            built = True
-    return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)
+        if outputs is not None:
+            return outputs, False
+        outputs = compute_teacher_outputs(
+            teacher.model, splits.train.images, layer, device, mirrored=view == "mirrored"
+        )
+        blob = {"format": CACHE_FORMAT, "key": key, "logits": outputs.logits, "features": outputs.features}
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        return outputs, True

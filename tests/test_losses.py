@@ -30,7 +30,7 @@ def test_ce_is_cross_entropy() -> None:
 def test_kd_matches_the_tutorial_formula() -> None:
     strategy = get_strategy("kd")
     hp = strategy.hyperparameters({})
-    assert hp == {"lr": 1e-3, "temperature": 2.0, "soft_target_weight": 0.25}
+    assert hp == {"lr": 1e-3, "lr_schedule": "constant", "temperature": 2.0, "soft_target_weight": 0.25}
     loss = strategy.build_loss(hp, None, None)(inputs())
     t = 2.0
     soft_targets = nn.functional.softmax(TEACHER_LOGITS / t, dim=-1)
@@ -115,6 +115,7 @@ def test_regressor_rejects_unmatched_maps() -> None:
         ("regressor", {"kernel_size": 2}, "kernel_size must be odd"),
         ("regressor", {"depth": 1.5}, "depth must be an integer"),
         ("regressor", {"distance": "l3"}, "distance must be one of"),
+        ("ce", {"lr_schedule": "step"}, "lr_schedule must be one of constant, cosine"),
     ],
 )
 def test_bad_hyperparameters_are_user_errors(method: str, given: dict, message: str) -> None:

@@ -12,10 +12,18 @@ import torch
 from torch import nn
 
 from kdsearch.checkpoints import load_checkpoint, save_checkpoint
-from kdsearch.data import load_splits
+from kdsearch.data import Split, load_splits
 from kdsearch.distill import RunConfig, prepare, train_student
 from kdsearch.errors import UserError
-from kdsearch.loop import DivergedError, TeacherOutputs, compute_teacher_outputs, evaluate, fit, prepare_module
+from kdsearch.loop import (
+    DivergedError,
+    EpochReport,
+    TeacherOutputs,
+    compute_teacher_outputs,
+    evaluate,
+    fit,
+    prepare_module,
+)
 from kdsearch.models import DeepNN, LightNN
 from kdsearch.strategies import LossInputs, get_strategy
 from kdsearch.teacher import load_teacher, teacher_outputs
@@ -37,21 +45,21 @@ def pattern_config(folder: Path, teacher: Path | None = None, **overrides: Any) 
     return RunConfig(**(settings | overrides))
 
 
+def fit_tiny(
+    train: Split, model: nn.Module | None = None, loss_fn: nn.Module | None = None, **settings: Any
+) -> list[EpochReport]:
+    """``fit`` on CPU with small defaults (1 epoch, batch 64, lr 1e-3, seed 0): a LightNN on CE unless given."""
+    defaults: dict[str, Any] = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "seed": 0, "device": CPU}
+    model = model if model is not None else prepare_module(LightNN(), CPU)
+    loss_fn = loss_fn if loss_fn is not None else get_strategy("ce").build_loss({}, None, None)
+    return fit(model, loss_fn, train, **(defaults | settings))
+
+
 def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
     torch.manual_seed(0)
     model = prepare_module(LightNN(), CPU)
-    reports = fit(
-        model,
-        get_strategy("ce").build_loss({}, None, None),
-        splits.train,
-        epochs=2,
-        batch_size=32,
-        lr=3e-3,
-        seed=0,
-        device=CPU,
-        val=splits.val,
-    )
+    reports = fit_tiny(splits.train, model, epochs=2, batch_size=32, lr=3e-3, val=splits.val)
     assert [r.epoch for r in reports] == [1, 2]
     assert all(r.seconds > 0 for r in reports)
     assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0  # chance is 10 %
@@ -75,16 +83,7 @@ class NaNLoss(nn.Module):
 def test_non_finite_loss_is_detected(pattern_folder: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=0)
     with pytest.raises(DivergedError, match="diverged at epoch 1"):
-        fit(
-            prepare_module(LightNN(), CPU),
-            NaNLoss(),
-            splits.train,
-            epochs=1,
-            batch_size=64,
-            lr=1e-3,
-            seed=0,
-            device=CPU,
-        )
+        fit_tiny(splits.train, loss_fn=NaNLoss())
 
 
 def test_teacher_checkpoint_round_trip(pattern_teacher: Path, pattern_folder: Path) -> None:
@@ -249,18 +248,124 @@ def test_fp16_path_with_gradient_scaler_trains(pattern_folder: Path, monkeypatch
     splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
     torch.manual_seed(0)
     model = prepare_module(LightNN(), CPU)
-    reports = fit(
-        model,
-        get_strategy("ce").build_loss({}, None, None),
-        splits.train,
-        epochs=2,
-        batch_size=32,
-        lr=3e-3,
-        seed=0,
-        device=CPU,
-        val=splits.val,
-        precision="fp16",
-    )
+    reports = fit_tiny(splits.train, model, epochs=2, batch_size=32, lr=3e-3, val=splits.val, precision="fp16")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert reports[-1].train_loss < reports[0].train_loss
     assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_follows_the_schedule_over_every_step(
+    schedule: str, pattern_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate Adam steps with is the schedule's, step by step, across epochs: cosine ends near 0."""
+    from kdsearch.recipe import learning_rate_at
+
+    seen: list[float] = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        seen.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
+    batch_size, epochs, lr = 64, 2, 2e-3
+    fit_tiny(splits.train, epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=schedule)
+    total = epochs * -(-len(splits.train) // batch_size)
+    assert seen == pytest.approx([learning_rate_at(schedule, lr, step, total) for step in range(total)])
+    assert seen[0] == lr
+    if schedule == "cosine":
+        assert seen[total // 2] == pytest.approx(lr / 2) and seen[-1] < 0.05 * lr
+    else:
+        assert set(seen) == {lr}
+
+
+def test_cosine_schedule_changes_the_trained_student(pattern_folder: Path) -> None:
+    """The searched schedule reaches the loop through the hyperparameters; the tutorial's is constant."""
+    prepared = prepare(pattern_config(pattern_folder, method="ce", epochs=2))
+    constant = train_student(prepared, {})
+    assert constant.hyperparameters["lr_schedule"] == "constant"
+    cosine = train_student(prepared, {"lr_schedule": "cosine"})
+    assert constant.epochs[0].train_loss != cosine.epochs[0].train_loss
+
+
+def test_unknown_schedule_is_a_user_error(pattern_folder: Path) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=0)
+    with pytest.raises(UserError, match="unknown learning-rate schedule 'step'"):
+        fit_tiny(splits.train, lr_schedule="step")
+
+
+class RecordingStudent(nn.Module):
+    """A tiny student that keeps every training batch it is fed (the images after augmentation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(images.detach().clone())
+        return self.head(images.mean(dim=(2, 3)))
+
+
+class RecordingLoss(nn.Module):
+    """Cross-entropy that keeps the teacher outputs the loop paired with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        assert inputs.teacher_logits is not None and inputs.teacher_features is not None
+        self.teacher.append((inputs.teacher_logits.clone(), inputs.teacher_features.clone()))
+        return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)
+
+
+def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_outputs(
+    pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=50)
+    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    cached = teacher_outputs(teacher, splits, "features", CPU, mirrored=True)
+    assert cached.outputs.mirrored is not None and cached.built
+    # The mirrored view is its own cache entry, reused like the plain one.
+    assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 2
+    assert not teacher_outputs(teacher, splits, "features", CPU, mirrored=True).built
+    student, loss_fn = RecordingStudent(), RecordingLoss()
+    fit_tiny(splits.train, student, loss_fn, epochs=2, teacher=cached.outputs, augment="flip")
+    plain = {row.numpy().tobytes() for row in splits.train.images}
+    mirrored = {row.flip(-1).numpy().tobytes() for row in splits.train.images}
+    flipped = 0
+    for images, (logits, features) in zip(student.batches, loss_fn.teacher, strict=True):
+        live = compute_teacher_outputs(teacher.model, images, "features", CPU)
+        assert torch.allclose(logits, live.logits, atol=1e-5)
+        assert live.features is not None and torch.allclose(features, live.features, atol=1e-5)
+        for row in images:
+            key = row.contiguous().numpy().tobytes()
+            assert key in plain or key in mirrored
+            flipped += key in mirrored
+    seen = 2 * len(splits.train)
+    assert 0.35 * seen < flipped < 0.65 * seen  # about half of every epoch is mirrored
+
+
+def test_flip_needs_the_mirrored_teacher_outputs_and_augmentations_are_checked(
+    pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    splits = load_splits("imagefolder", pattern_folder, val_size=50)
+    plain = teacher_outputs(load_teacher(pattern_teacher, None, splits, CPU), splits, "features", CPU).outputs
+    with pytest.raises(ValueError, match="mirrored"):
+        fit_tiny(splits.train, RecordingStudent(), RecordingLoss(), teacher=plain, augment="flip")
+    with pytest.raises(UserError, match="unknown augmentation 'crop'"):
+        fit_tiny(splits.train, RecordingStudent(), RecordingLoss(), teacher=plain, augment="crop")
+
+
+def test_a_flip_run_prepares_the_mirrored_view_itself(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+    config = pattern_config(pattern_folder, pattern_teacher, method="kd", hyperparameters={"augment": "flip"})
+    prepared = prepare(config)
+    assert prepared.teacher is not None and prepared.teacher.mirrored is not None
+    assert prepared.teacher.features is None and prepared.teacher.mirrored.features is None  # kd uses logits only
+    result = train_student(prepared, config.hyperparameters)
+    assert result.hyperparameters["augment"] == "flip" and result.val_accuracy is not None
+    assert prepare(pattern_config(pattern_folder, pattern_teacher, method="kd")).teacher.mirrored is None  # type: ignore[union-attr]

@@ -15,10 +15,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 - torch's own convention
 
 from kdsearch.errors import UserError
+from kdsearch.recipe import AUGMENTATIONS, LR_SCHEDULES
 from kdsearch.spaces import CategoricalParam, FloatParam, IntParam, Space, is_distribution
 
-# Every strategy searches the learning rate; the tutorial uses Adam at 1e-3.
-LEARNING_RATE_SPACE: Space = {"lr": FloatParam(1e-4, 1e-2, log=True)}
+# Every strategy searches the shared training recipe (kdsearch.recipe): learning rate, its schedule
+# and augmentation. The tutorial: Adam at a constant 1e-3, no augmentation.
+RECIPE_SPACE: Space = {
+    "lr": FloatParam(1e-4, 1e-2, log=True),
+    "lr_schedule": CategoricalParam(LR_SCHEDULES),
+    "augment": CategoricalParam(AUGMENTATIONS),
+}
+RECIPE_TUTORIAL: dict[str, Any] = {"lr": 1e-3, "lr_schedule": "constant", "augment": "none"}
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Strategy:
     uses_features: ClassVar[bool] = False
     # The tutorial's hand-set values; `kdsearch train` uses them when no value is given.
     tutorial: ClassVar[dict[str, Any]]
-    # Default search space (LEARNING_RATE_SPACE included); presets under studies/spaces/ mirror it.
+    # Default search space (RECIPE_SPACE included); presets under studies/spaces/ mirror it.
     space: ClassVar[Space]
     # Accepted in configs and spaces but neither searched nor set by default (e.g. ce_weight).
     optional: ClassVar[tuple[str, ...]] = ()
@@ -78,6 +85,8 @@ class Strategy:
                 raise UserError(f"{self.name}: {name} must be an integer, got {value!r}")
         if hp["lr"] <= 0:
             raise UserError(f"{self.name}: lr must be positive, got {hp['lr']}")
+        self.check_choice(hp, "lr_schedule", LR_SCHEDULES)
+        self.check_choice(hp, "augment", AUGMENTATIONS)
         for name in ("ce_weight", *[n for n in hp if n.endswith("_weight")]):
             if name in hp and hp[name] < 0:
                 raise UserError(f"{self.name}: {name} must be 0 or more, got {hp[name]}")

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
@@ -17,8 +17,8 @@ class CrossEntropyLoss(nn.Module):
 class CrossEntropy(Strategy):
     name = "ce"
     summary = "student alone on hard labels (no teacher)"
-    tutorial = {"lr": 1e-3}
-    space = dict(LEARNING_RATE_SPACE)
+    tutorial = dict(RECIPE_TUTORIAL)
+    space = dict(RECIPE_SPACE)
 
     def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> nn.Module:
         return CrossEntropyLoss()

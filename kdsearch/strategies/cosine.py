@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.spaces import CategoricalParam, FloatParam
-from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
 
 REDUCTIONS = ("avg", "max")
 
@@ -60,10 +60,10 @@ class CosineFeatures(Strategy):
     name = "cosine"
     summary = "cosine loss between flattened hidden features, the larger pooled to the smaller"
     uses_features = True
-    tutorial = {"lr": 1e-3, "hidden_weight": 0.25, "reduce": "avg"}
+    tutorial = {**RECIPE_TUTORIAL, "hidden_weight": 0.25, "reduce": "avg"}
     optional = ("ce_weight",)
     space = {
-        **LEARNING_RATE_SPACE,
+        **RECIPE_SPACE,
         "hidden_weight": FloatParam(0.0, 1.0),
         "reduce": CategoricalParam(REDUCTIONS),
     }

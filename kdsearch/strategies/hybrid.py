@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdsearch.spaces import FloatParam
-from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
 from kdsearch.strategies.cosine import REDUCTIONS, CosineFeatureLoss, CosineFeatures
 from kdsearch.strategies.kd import SoftTargets, soft_target_loss
 from kdsearch.strategies.regressor import (
@@ -57,7 +57,7 @@ class Hybrid(Strategy):
     # The single strategies' own parameters are taken from them, so their ranges stay in one place.
     _REGRESSOR_SHAPE = ("kernel_size", "depth", "hidden_channels", "distance")
     tutorial = {
-        "lr": 1e-3,
+        **RECIPE_TUTORIAL,
         "ce_weight": 1.0,
         "kd_weight": 0.0,
         "temperature": SoftTargets.tutorial["temperature"],
@@ -67,7 +67,7 @@ class Hybrid(Strategy):
         **{name: FeatureRegressor.tutorial[name] for name in _REGRESSOR_SHAPE},
     }
     space = {
-        **LEARNING_RATE_SPACE,
+        **RECIPE_SPACE,
         "kd_weight": FloatParam(0.0, 2.0),
         "temperature": SoftTargets.space["temperature"],
         "cosine_weight": FloatParam(0.0, 2.0),

@@ -18,7 +18,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
 from kdsearch.spaces import FloatParam
-from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -46,10 +46,10 @@ class SoftTargets(Strategy):
     name = "kd"
     summary = "soft targets: KL to the teacher's softened logits, scaled by T²"
     uses_teacher_logits = True
-    tutorial = {"lr": 1e-3, "temperature": 2.0, "soft_target_weight": 0.25}
+    tutorial = {**RECIPE_TUTORIAL, "temperature": 2.0, "soft_target_weight": 0.25}
     optional = ("ce_weight",)
     space = {
-        **LEARNING_RATE_SPACE,
+        **RECIPE_SPACE,
         "temperature": FloatParam(1.0, 8.0),
         "soft_target_weight": FloatParam(0.0, 1.0),
     }

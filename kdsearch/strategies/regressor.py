@@ -18,7 +18,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
 from kdsearch.spaces import CategoricalParam, FloatParam, IntParam
-from kdsearch.strategies.base import LEARNING_RATE_SPACE, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
 
 DISTANCES = ("mse", "smooth_l1", "cosine")
 KERNEL_SIZES = (1, 3, 5)
@@ -79,7 +79,7 @@ class FeatureRegressor(Strategy):
     summary = "trainable conv regressor from student to teacher feature map, matched by a distance"
     uses_features = True
     tutorial = {
-        "lr": 1e-3,
+        **RECIPE_TUTORIAL,
         "feature_weight": 0.25,
         "kernel_size": 3,
         "depth": 1,
@@ -88,7 +88,7 @@ class FeatureRegressor(Strategy):
     }
     optional = ("ce_weight",)
     space = {
-        **LEARNING_RATE_SPACE,
+        **RECIPE_SPACE,
         "feature_weight": FloatParam(0.0, 1.0),
         "kernel_size": CategoricalParam(KERNEL_SIZES),
         "depth": IntParam(1, 3),
