@@ -9,7 +9,8 @@
 (d) time spent in the storage per trial, as a share of trial time (from the 1-worker study).
 (e) --precision bf16 against fp32 on the running device: a kd epoch's time, and the test accuracy of
     the tutorial's kd recipe trained --precision-epochs epochs each way.
-Needs the dataset's default teacher (`make bench-tutorial` trains it once).
+Needs a teacher: the dataset's default one (`make bench-tutorial` trains it once), or --teacher PATH
+(any DeepNN checkpoint for this dataset: speed does not depend on what the teacher learnt).
 """
 
 from __future__ import annotations
@@ -70,13 +71,21 @@ def tutorial_epoch_seconds(data_dir: str, teacher_path: Path, batches: int, n_tr
     return steady * ((n_train + 127) // 128)
 
 
-def kdsearch_epochs(data_dir: str, methods: list[str], epochs: int, precision: str = "fp32") -> dict[str, Any]:
+def kdsearch_epochs(
+    data_dir: str, teacher: Path, methods: list[str], epochs: int, precision: str = "fp32"
+) -> dict[str, Any]:
     from kdsearch.distill import RunConfig, prepare, test_accuracy, train_student
 
     out: dict[str, Any] = {}
     for method in methods:
         config = RunConfig(
-            method=method, dataset="imagefolder", data_dir=data_dir, val_size=0, epochs=epochs, precision=precision
+            method=method,
+            dataset="imagefolder",
+            data_dir=data_dir,
+            val_size=0,
+            epochs=epochs,
+            precision=precision,
+            teacher=str(teacher),
         )
         prepared = prepare(config)
         result = train_student(prepared, {})
@@ -89,14 +98,14 @@ def kdsearch_epochs(data_dir: str, methods: list[str], epochs: int, precision: s
     return out
 
 
-def cache_build_seconds(data_dir: str) -> float:
+def cache_build_seconds(data_dir: str, teacher_path: Path) -> float:
     from kdsearch.data import load_splits
     from kdsearch.loop import compute_teacher_outputs, resolve_device
-    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path, load_teacher
+    from kdsearch.teacher import cache_dir, load_teacher
 
     device = resolve_device("auto")
     splits = load_splits("imagefolder", data_dir, val_size=0, cache_dir=cache_dir()).to(device)
-    teacher = load_teacher(default_teacher_path(splits, TeacherRecipe()), None, splits, device)
+    teacher = load_teacher(teacher_path, None, splits, device)
     start = time.perf_counter()
     compute_teacher_outputs(teacher.model, splits.train.images, "features", device)
     return time.perf_counter() - start
@@ -124,7 +133,7 @@ class TimedStorage:
         return timed
 
 
-def study_seconds(data_dir: str, trials: int, n_jobs: int, timed: bool) -> dict[str, Any]:
+def study_seconds(data_dir: str, teacher: Path, trials: int, n_jobs: int, timed: bool) -> dict[str, Any]:
     from kdsearch import search
     from kdsearch.distill import RunConfig
 
@@ -140,7 +149,12 @@ def study_seconds(data_dir: str, trials: int, n_jobs: int, timed: bool) -> dict[
             return timer
 
         search.open_storage = open_timed  # type: ignore[assignment]
-    config = RunConfig(method="kd", dataset="imagefolder", data_dir=data_dir, val_size=5000, epochs=3)
+    config = RunConfig(
+        method="kd", dataset="imagefolder", data_dir=data_dir, val_size=5000, epochs=3, teacher=str(teacher)
+    )
+    # The teacher-output caches (both views: the default space may draw flip) are built outside the
+    # timing, so the 1-worker study does not pay a one-off cost the 2-worker one then skips.
+    search.prepare(config, augmentations=("none", "flip"))
     start = time.perf_counter()
     try:
         summary = search.run_search(
@@ -171,12 +185,13 @@ def main() -> int:
     parser.add_argument("--study-trials", type=int, default=20)
     parser.add_argument("--skip-study", action="store_true")
     parser.add_argument("--precision-epochs", type=int, default=10, help="0 skips the bf16 accuracy runs.")
+    parser.add_argument("--teacher", default=None, help="Teacher checkpoint [default: the dataset's tutorial teacher].")
     args = parser.parse_args()
     from kdsearch.data import load_splits
     from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
 
     splits = load_splits("imagefolder", args.data_dir, val_size=0, cache_dir=cache_dir())
-    teacher = default_teacher_path(splits, TeacherRecipe())
+    teacher = Path(args.teacher) if args.teacher else default_teacher_path(splits, TeacherRecipe())
     if not teacher.exists():
         print(f"no teacher at {teacher}: run `make bench-tutorial` first", file=sys.stderr)
         return 2
@@ -184,8 +199,8 @@ def main() -> int:
     result["tutorial_epoch_seconds"] = tutorial_epoch_seconds(
         args.data_dir, teacher, args.tutorial_batches, len(splits.train)
     )
-    result["cache_build_seconds"] = cache_build_seconds(args.data_dir)
-    result["epochs"] = kdsearch_epochs(args.data_dir, ["ce", "kd", "cosine", "regressor"], args.epochs)
+    result["cache_build_seconds"] = cache_build_seconds(args.data_dir, teacher)
+    result["epochs"] = kdsearch_epochs(args.data_dir, teacher, ["ce", "kd", "cosine", "regressor"], args.epochs)
     kd = result["epochs"]["kd"]["steady_seconds"]
     ce = result["epochs"]["ce"]["steady_seconds"]
     rows = [
@@ -198,11 +213,13 @@ def main() -> int:
     ]
     for method in ("kd", "cosine", "regressor"):
         rows.append((f"(b) {method} epoch / ce epoch", result["epochs"][method]["steady_seconds"] / ce, "<= 1.10"))
-    bf16 = kdsearch_epochs(args.data_dir, ["kd"], args.epochs, precision="bf16")["kd"]
+    bf16 = kdsearch_epochs(args.data_dir, teacher, ["kd"], args.epochs, precision="bf16")["kd"]
     result["epochs_bf16"] = {"kd": bf16}
     rows.append(("(e) kd bf16 epoch / kd fp32 epoch", bf16["steady_seconds"] / kd, "< 1 to be worth it"))
     if args.precision_epochs:
-        full = {p: kdsearch_epochs(args.data_dir, ["kd"], args.precision_epochs, p)["kd"] for p in ("fp32", "bf16")}
+        full = {
+            p: kdsearch_epochs(args.data_dir, teacher, ["kd"], args.precision_epochs, p)["kd"] for p in ("fp32", "bf16")
+        }
         result["precision_accuracy"] = {p: r["test_accuracy"] for p, r in full.items()}
         rows.append(
             (
@@ -212,8 +229,8 @@ def main() -> int:
             )
         )
     if not args.skip_study:
-        one = study_seconds(args.data_dir, args.study_trials, 1, timed=True)
-        two = study_seconds(args.data_dir, args.study_trials, 2, timed=False)
+        one = study_seconds(args.data_dir, teacher, args.study_trials, 1, timed=True)
+        two = study_seconds(args.data_dir, teacher, args.study_trials, 2, timed=False)
         result["study_1_worker"], result["study_2_workers"] = one, two
         rows.append(("(c) study wall, 1 worker / 2 workers", one["wall_seconds"] / two["wall_seconds"], ">= 1.3"))
         rows.append(("(d) storage seconds / trial seconds", one["storage_seconds"] / one["wall_seconds"], "< 0.01"))
