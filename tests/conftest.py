@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from kdsearch.cli import main
+from kdsearch.distill import RunConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg"
 CLASSES = [f"class{i}" for i in range(10)]
@@ -95,3 +97,17 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()} if path.exists() else set()
+
+
+def pattern_config(folder: Path, teacher: Path | None = None, **overrides: Any) -> RunConfig:
+    """A run on the generated pattern folder: 50 validation images, CPU, one epoch of batch 64."""
+    settings: dict[str, Any] = {
+        "dataset": "imagefolder",
+        "data_dir": str(folder),
+        "val_size": 50,
+        "epochs": 1,
+        "batch_size": 64,
+        "device": "cpu",
+        "teacher": str(teacher) if teacher is not None else None,
+    }
+    return RunConfig(**(settings | overrides))

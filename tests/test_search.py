@@ -16,9 +16,11 @@ import yaml
 from optuna.trial import TrialState
 
 from kdsearch.checkpoints import load_checkpoint
+from kdsearch.distill import prepare
+from kdsearch.search import teacher_saw_validation
 from kdsearch.spaces import space_to_dict
 from kdsearch.strategies import STRATEGIES
-from tests.conftest import run_cli
+from tests.conftest import pattern_config, run_cli
 
 DATA = ["--dataset", "imagefolder", "--val-size", "50"]
 
@@ -286,3 +288,21 @@ def test_a_teacher_that_saw_the_validation_images_is_flagged(
     )
     assert code == 0 and "warning" not in err
     assert load(home, "clean").user_attrs["teacher_saw_validation"] is False
+
+
+def test_the_default_search_teacher_holds_out_the_validation_images(pattern_folder: Path, home: Path) -> None:
+    """Without --teacher, a search's teacher is trained once without the search's validation rows."""
+    prepared = prepare(pattern_config(pattern_folder, None, method="kd"))  # 50 validation images
+    assert prepared.teacher_path is not None and prepared.teacher_path.name.endswith("-val50.pt")
+    assert prepared.teacher_metadata["data"]["val_size"] == 50 and prepared.teacher_metadata["train_images"] == 250
+    assert not teacher_saw_validation(prepared)
+    stamp = prepared.teacher_path.stat().st_mtime_ns
+    again = prepare(pattern_config(pattern_folder, None, method="cosine"))
+    assert again.teacher_path == prepared.teacher_path and prepared.teacher_path.stat().st_mtime_ns == stamp
+    # A run on the whole split (no validation) gets the tutorial's teacher, trained on every image.
+    whole = prepare(pattern_config(pattern_folder, None, method="kd", val_size=0))
+    assert whole.teacher_path is not None and whole.teacher_path != prepared.teacher_path
+    assert whole.teacher_metadata["train_images"] == 300
+    assert sorted(p.name for p in (home / "teachers").glob("*.pt")) == sorted(
+        [prepared.teacher_path.name, whole.teacher_path.name]
+    )

@@ -13,7 +13,7 @@ from torch import nn
 
 from kdsearch.checkpoints import load_checkpoint, save_checkpoint
 from kdsearch.data import Split, load_splits
-from kdsearch.distill import RunConfig, prepare, train_student
+from kdsearch.distill import prepare, train_student
 from kdsearch.errors import UserError
 from kdsearch.loop import (
     DivergedError,
@@ -27,22 +27,9 @@ from kdsearch.loop import (
 from kdsearch.models import DeepNN, LightNN
 from kdsearch.strategies import LossInputs, get_strategy
 from kdsearch.teacher import load_teacher, teacher_outputs
+from tests.conftest import pattern_config
 
 CPU = torch.device("cpu")
-
-
-def pattern_config(folder: Path, teacher: Path | None = None, **overrides: Any) -> RunConfig:
-    """A run on the generated pattern folder: 50 validation images, CPU, one epoch of batch 64."""
-    settings: dict[str, Any] = {
-        "dataset": "imagefolder",
-        "data_dir": str(folder),
-        "val_size": 50,
-        "epochs": 1,
-        "batch_size": 64,
-        "device": "cpu",
-        "teacher": str(teacher) if teacher is not None else None,
-    }
-    return RunConfig(**(settings | overrides))
 
 
 def fit_tiny(
