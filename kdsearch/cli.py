@@ -142,7 +142,8 @@ def cli() -> None:
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>.pt].",
+    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>[-val<N>].pt, the teacher that "
+    "runs with the same --val-size use by default].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

@@ -30,7 +30,13 @@ def test_ce_is_cross_entropy() -> None:
 def test_kd_matches_the_tutorial_formula() -> None:
     strategy = get_strategy("kd")
     hp = strategy.hyperparameters({})
-    assert hp == {"lr": 1e-3, "lr_schedule": "constant", "temperature": 2.0, "soft_target_weight": 0.25}
+    assert hp == {
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "augment": "none",
+        "temperature": 2.0,
+        "soft_target_weight": 0.25,
+    }
     loss = strategy.build_loss(hp, None, None)(inputs())
     t = 2.0
     soft_targets = nn.functional.softmax(TEACHER_LOGITS / t, dim=-1)

@@ -104,7 +104,12 @@ def test_a_bad_trial_is_pruned_and_reruns_add_trials(
     assert trials[2].user_attrs["fixed_params"]["lr"] == 1e-7 and trials[2].last_step == 1
     # The baseline is the first trial of a new study only; the pinned lr kept it out of the baseline.
     assert [("baseline" in t.user_attrs) for t in trials] == [True, False, False]
-    assert trials[0].params == {"lr_schedule": "constant", "temperature": 2.0, "soft_target_weight": 0.25}
+    assert trials[0].params == {
+        "lr_schedule": "constant",
+        "augment": "none",
+        "temperature": 2.0,
+        "soft_target_weight": 0.25,
+    }
     assert run_cli([*base, "--trials", "1", "--no-baseline", "--study-name", "plain"], capsys)[0] == 0
     assert "baseline" not in load(home, "plain").get_trials()[0].user_attrs
 
