@@ -27,7 +27,8 @@ bench-tutorial:
 bench-speed:
 	$(BIN)/python bench/speed.py --data-dir $(SHARED_CIFAR)
 
-# One 30-trial, 10-epoch study per strategy and hybrid (about 20 min each on 2 CPU cores).
+# One 30-trial, 10-epoch study per strategy and hybrid, then 3-seed re-trains of searched and hand-set
+# configs (about 25 min a method on 2 CPU cores).
 bench-studies:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR) --methods ce,kd,cosine,regressor,hybrid --n-jobs 2
 
