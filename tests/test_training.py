@@ -179,6 +179,34 @@ def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pa
         assert torch.allclose(from_cache, from_live, atol=1e-6), method
 
 
+@pytest.mark.parametrize("reduce", ["avg", "max"])
+def test_cosine_pools_the_teacher_once_and_trains_bit_for_bit_as_per_batch(
+    reduce: str, pattern_teacher: Path, pattern_folder: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pooling the cached teacher vectors once before training changes no weight against pooling per batch."""
+    from kdsearch.strategies.cosine import CosineFeatureLoss
+
+    config = pattern_config(pattern_folder, pattern_teacher, method="cosine", epochs=2)
+    prepared = prepare(config, augmentations=("none", "flip"))
+    hp = {"reduce": reduce, "augment": "flip"}  # both views of the teacher are pooled
+    pooled_once: list[tuple[int, ...]] = []
+    pool_once = CosineFeatureLoss.teacher_features_once
+
+    def recording(self: CosineFeatureLoss, features: torch.Tensor) -> torch.Tensor:
+        out = pool_once(self, features)
+        pooled_once.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(CosineFeatureLoss, "teacher_features_once", recording)
+    once = train_student(prepared, hp)
+    assert pooled_once == [(250, 1024), (250, 1024)]  # the 2048-long teacher vectors, both views, once
+    monkeypatch.setattr(CosineFeatureLoss, "teacher_features_once", lambda self, features: features)
+    per_batch = train_student(prepared, hp)
+    assert [r.train_loss for r in once.epochs] == [r.train_loss for r in per_batch.epochs]
+    for a, b in zip(once.model.parameters(), per_batch.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["kd", "cosine", "regressor"])
 def test_every_strategy_trains_through_the_loop(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path

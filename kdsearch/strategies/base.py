@@ -2,7 +2,8 @@
 
 A strategy is one small module: its loss, any trainable helper (the regressor), its tutorial
 hyperparameters and its default search space, side by side. The training loop only ever calls
-``build_loss`` and the returned module's ``forward``; it knows nothing of any strategy.
+``build_loss``, the returned loss's ``forward`` and, once before training, its
+``teacher_features_once``; it knows nothing of any strategy.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ class LossInputs:
     student_features: Tensor | None = None
     teacher_logits: Tensor | None = None
     teacher_features: Tensor | None = None
+
+
+class DistillationLoss(nn.Module):
+    """A strategy's loss: ``forward(LossInputs) -> Tensor``.
+
+    ``teacher_features_once`` is the hook for work a loss would otherwise repeat on the frozen
+    teacher's features every step (cosine's pooling): the loop applies it once to the whole cache
+    before training, and the loss's ``forward`` then sees its result, by index, each batch.
+    """
+
+    def teacher_features_once(self, features: Tensor) -> Tensor:
+        """The teacher's cached features as ``forward`` wants them; by default as they are."""
+        return features
 
 
 class Strategy:
@@ -127,7 +141,7 @@ class Strategy:
 
     def build_loss(
         self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
-    ) -> nn.Module:
+    ) -> DistillationLoss:
         """A module whose ``forward(LossInputs) -> Tensor`` is the training loss.
 
         ``*_features`` are per-sample shapes of the tapped layers (None when not used). Trainable

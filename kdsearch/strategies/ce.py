@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import (
+    RECIPE_SPACE,
+    RECIPE_TUTORIAL,
+    DistillationLoss,
+    LossInputs,
+    Strategy,
+    cross_entropy,
+)
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(DistillationLoss):
     def forward(self, inputs: LossInputs) -> Tensor:
         return cross_entropy(inputs)
 
@@ -20,5 +27,5 @@ class CrossEntropy(Strategy):
     tutorial = dict(RECIPE_TUTORIAL)
     space = dict(RECIPE_SPACE)
 
-    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> nn.Module:
+    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> DistillationLoss:
         return CrossEntropyLoss()

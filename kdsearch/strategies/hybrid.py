@@ -15,7 +15,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdsearch.spaces import FloatParam
-from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import (
+    RECIPE_SPACE,
+    RECIPE_TUTORIAL,
+    DistillationLoss,
+    LossInputs,
+    Strategy,
+    cross_entropy,
+)
 from kdsearch.strategies.cosine import REDUCTIONS, CosineFeatureLoss, CosineFeatures
 from kdsearch.strategies.kd import SoftTargets, soft_target_loss
 from kdsearch.strategies.regressor import (
@@ -26,7 +33,7 @@ from kdsearch.strategies.regressor import (
 )
 
 
-class HybridLoss(nn.Module):
+class HybridLoss(DistillationLoss):
     def __init__(self, hp: dict[str, Any], regressor: nn.Module) -> None:
         super().__init__()
         self.ce_weight = float(hp["ce_weight"])
@@ -84,7 +91,7 @@ class Hybrid(Strategy):
 
     def build_loss(
         self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
-    ) -> nn.Module:
+    ) -> DistillationLoss:
         assert student_features is not None and teacher_features is not None
         # No regressor at weight zero: building one would draw from the RNG and change the run.
         if float(hp["regressor_weight"]):

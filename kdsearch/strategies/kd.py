@@ -13,12 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
 from kdsearch.spaces import FloatParam
-from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import (
+    RECIPE_SPACE,
+    RECIPE_TUTORIAL,
+    DistillationLoss,
+    LossInputs,
+    Strategy,
+    cross_entropy,
+)
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -29,7 +36,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     return kl * temperature**2
 
 
-class SoftTargetLoss(nn.Module):
+class SoftTargetLoss(DistillationLoss):
     def __init__(self, temperature: float, soft_target_weight: float, ce_weight: float) -> None:
         super().__init__()
         self.temperature = temperature
@@ -59,6 +66,6 @@ class SoftTargets(Strategy):
         if hp["temperature"] <= 0:
             raise UserError(f"kd: temperature must be positive, got {hp['temperature']}")
 
-    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> nn.Module:
+    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> DistillationLoss:
         weight = float(hp["soft_target_weight"])
         return SoftTargetLoss(float(hp["temperature"]), weight, self.ce_weight(hp, "soft_target_weight"))

@@ -18,7 +18,14 @@ from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
 from kdsearch.spaces import CategoricalParam, FloatParam, IntParam
-from kdsearch.strategies.base import RECIPE_SPACE, RECIPE_TUTORIAL, LossInputs, Strategy, cross_entropy
+from kdsearch.strategies.base import (
+    RECIPE_SPACE,
+    RECIPE_TUTORIAL,
+    DistillationLoss,
+    LossInputs,
+    Strategy,
+    cross_entropy,
+)
 
 DISTANCES = ("mse", "smooth_l1", "cosine")
 KERNEL_SIZES = (1, 3, 5)
@@ -59,7 +66,7 @@ def check_regressor_hyperparameters(strategy: Strategy, hp: dict[str, Any]) -> N
         raise UserError(f"{strategy.name}: depth must be a positive integer, got {hp['depth']!r}")
 
 
-class RegressorLoss(nn.Module):
+class RegressorLoss(DistillationLoss):
     def __init__(self, regressor: nn.Module, feature_weight: float, ce_weight: float, distance: str) -> None:
         super().__init__()
         self.regressor = regressor
@@ -115,7 +122,7 @@ class FeatureRegressor(Strategy):
 
     def build_loss(
         self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
-    ) -> nn.Module:
+    ) -> DistillationLoss:
         assert student_features is not None and teacher_features is not None
         self.check_maps(student_features, teacher_features)
         regressor = build_regressor(
