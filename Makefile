@@ -23,7 +23,8 @@ bench: bench-tutorial bench-speed bench-studies bench-pareto
 bench-tutorial:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/tutorial.py --data-dir $(SHARED_CIFAR)
 
-# Tutorial loop vs kdsearch loop, distillation overhead, 1 vs 2 workers, storage share.
+# Tutorial loop vs kdsearch loop, distillation overhead, 1 vs 2 workers, storage share, bf16, and a
+# 50-trial 10-epoch study from the command line (about 30 min on 2 CPU cores; needs a teacher).
 bench-speed:
 	$(BIN)/python bench/speed.py --data-dir $(SHARED_CIFAR)
 
