@@ -14,8 +14,8 @@ say) runs in the written order, so a hook always sees what the model as written 
 
 from __future__ import annotations
 
+import functools
 import itertools
-import types
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ def pool_before_relu(model: nn.Module) -> int:
         if type(module) is not nn.Sequential:
             continue
         if any(type(a) is nn.ReLU and type(b) is nn.MaxPool2d for a, b in itertools.pairwise(module)):
-            module.forward = types.MethodType(_pool_first_forward, module)  # type: ignore[method-assign]
+            # A partial of a module-level function (not a bound method) so the model still pickles.
+            module.forward = functools.partial(_pool_first_forward, module)  # type: ignore[method-assign]
             changed += 1
     return changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import torch
@@ -70,9 +71,12 @@ def test_a_hooked_relu_or_pool_runs_in_the_written_order() -> None:
         fast_features = tap.take()
     plain = _written_order(copy.deepcopy(model))
     plain.features.forward = nn.Sequential.forward.__get__(plain.features)
+    pickled = pickle.loads(pickle.dumps(model))  # a whole-model save still round-trips
+    assert pickled.features.forward.args[0] is pickled.features  # bound to its own copy
     with torch.no_grad():
         assert torch.equal(plain(images), fast)
         assert torch.equal(plain.features(images), fast_features)
+        assert torch.equal(pickled(images), fast)
 
 
 def test_only_plain_sequences_with_a_relu_pool_pair_are_touched() -> None:
