@@ -116,17 +116,16 @@ def main() -> int:
         front.append(
             {
                 "trial": trial,
-                "width": config["width"],
+                "width": config["models"]["width"],
                 "params": int(config["source"]["objectives"]["params"]),
                 "val_accuracy": config["source"]["val_accuracy"],
                 "test_accuracy": scored["test_accuracy"],
-                "hyperparameters": config["hyperparameters"],
+                "hyperparameters": {**config["recipe"], **config["loss"]["params"]},
             }
         )
     ce, _ = kdsearch("train", "--method", "ce", *data, "--json", "-q")
     import optuna
-
-    from kdsearch.search import default_storage_url
+    from kdsearch.storage import default_storage_url
 
     study = optuna.load_study(study_name=args.study_name, storage=default_storage_url())
     trials = [

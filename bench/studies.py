@@ -68,6 +68,8 @@ def main() -> int:
             name,
             "--n-jobs",
             str(args.n_jobs),
+            "--sampler-seed",
+            "42",
             "--json",
             "-q",
         )
@@ -78,15 +80,15 @@ def main() -> int:
             [sys.executable, "-m", "kdsearch", "export", "--study-name", name, "-o", str(config_path)], check=True
         )
         config: dict[str, Any] = yaml.safe_load(config_path.read_text())
-        teacher = ["--teacher", config["teacher"]] if config.get("teacher") else []
+        teacher = ["--teacher", config["models"]["teacher"]] if config["models"].get("teacher") else []
         searched = test_accuracies(["--config", str(config_path), "--device", args.device], seeds)
         hand = ["--method", method, *data, "--val-size", "0", "--epochs", str(args.epochs), *teacher]
         if method == "hybrid" and "ce" in hand_set_runs:
             hand_set_runs[method] = hand_set_runs["ce"]  # hybrid's hand-set values are CE alone, bit for bit (a test)
         if method not in hand_set_runs:
             hand_set_runs[method] = test_accuracies(hand, seeds)
-        switches = [f"{k}={config['hyperparameters'][k]}" for k in RECIPE_SWITCHES if k in config["hyperparameters"]]
-        tutorial_recipe = all(config["hyperparameters"].get(k) in (None, "constant", "none") for k in RECIPE_SWITCHES)
+        switches = [f"{k}={config['recipe'][k]}" for k in RECIPE_SWITCHES]
+        tutorial_recipe = all(config["recipe"][k] in ("constant", "none") for k in RECIPE_SWITCHES)
         recipe_only: list[float] = []
         if tutorial_recipe:
             recipe_only = hand_set_runs[method]
@@ -107,7 +109,7 @@ def main() -> int:
             "searched_test_accuracy": statistics.median(searched),
             "hand_set_test_accuracy": statistics.median(hand_set_runs[method]),
             "hand_set_with_searched_recipe_test_accuracy": statistics.median(recipe_only) if recipe_only else None,
-            "teacher": config.get("teacher"),
+            "teacher": config["models"].get("teacher"),
             "wall_seconds": round(wall, 1),
             "best_params": summary["best_params"],
             "command": optimize_cmd,

@@ -31,11 +31,13 @@ def kdsearch(*args: str) -> tuple[dict, str]:
 
 
 def default_teacher(data: list[str]) -> Path:
+    from kdsearch.config import RecipeConfig
     from kdsearch.data import load_splits
-    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
+    from kdsearch.paths import cache_dir
+    from kdsearch.teacher import TUTORIAL_TEACHER, default_teacher_path
 
     splits = load_splits("imagefolder", data[3], val_size=0, cache_dir=cache_dir())
-    return default_teacher_path(splits, TeacherRecipe())
+    return default_teacher_path(splits, TUTORIAL_TEACHER, RecipeConfig())
 
 
 def main() -> int:

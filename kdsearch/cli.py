@@ -1,13 +1,19 @@
-"""The ``kdsearch`` command line: thin commands that parse options and call one function each.
+"""The ``kdsearch`` command line: each command builds a config and calls one function below it.
 
-Every user mistake ends as one line on stderr and exit code 2 (``main`` turns ``UserError`` and
-click's usage errors into that); anything else is a bug and keeps its traceback.
+The options are derived from the config's declarations (``kdsearch.config``): a knob declared
+there is an option here, with its help, its default and its range, and a wrong value is reported
+under the option's name. Every user mistake ends as one line on stderr and exit code 2 (``main``
+turns ``UserError`` and click's usage errors into that); anything else is a bug and keeps its
+traceback. Nothing here imports torch until a command runs, so ``--help`` is quick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +21,24 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from kdsearch.data import DATASETS
-from kdsearch.errors import UserError
-from kdsearch.loop import PRECISIONS
+from kdsearch.config import (
+    DEVICE_KNOB,
+    KNOBS,
+    RECIPE_SPACE,
+    DataConfig,
+    Knob,
+    ModelsConfig,
+    RecipeConfig,
+    RunConfig,
+    SearchConfig,
+    flag,
+    knobs_of,
+)
+from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
 from kdsearch.strategies import METHODS
 
 EXIT_USAGE = 2
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def echo_error(message: str) -> None:
@@ -28,24 +46,13 @@ def echo_error(message: str) -> None:
     click.echo(f"kdsearch: error: {one_line}", err=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so Optuna closes the running trial (as failed) before we exit."""
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise Terminated(signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the click group with errors flattened to one line and exit 2.
 
-    SIGINT exits 130 and SIGTERM 143, after the running trial has been closed in the storage.
+    SIGINT exits 130 and SIGTERM 143, after the running trials have been closed in the storage.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         cli.main(args=argv, prog_name="kdsearch", standalone_mode=False)
     except UserError as exc:
@@ -80,49 +87,73 @@ def emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]]
             click.echo(line)
 
 
-def parse_assignments(items: tuple[str, ...], option: str) -> dict[str, Any]:
-    from kdsearch.spaces import parse_fixes
-
-    try:
-        return dict(parse_fixes(items))
-    except UserError as exc:
-        raise UserError(str(exc).replace("--fix", option)) from None
+# --- options derived from the config ------------------------------------------------------------
 
 
-def data_options(default_val_size: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The dataset options every command shares."""
+def knob_option(name: str, rule: Knob, default: Any) -> Decorator:
+    """The click option of one knob: its flag, type, range, default and help from the declaration."""
+    kwargs: dict[str, Any] = {"default": default, "help": rule.help, "envvar": rule.envvar}
+    if rule.kind is bool:
+        names = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if default else [flag(name)]
+        return click.option(*names, name, is_flag=True, **kwargs)
+    if rule.kind is tuple:
+        return click.option(flag(name), name, multiple=True, metavar="NAME=VALUE", **kwargs)
+    kwargs["show_default"] = default is not None
+    if rule.choices is not None:
+        kwargs["type"] = click.Choice([str(c) for c in rule.choices])
+    elif rule.path is not None:
+        kwargs["type"] = click.Path(dir_okay=rule.path == "dir", file_okay=rule.path == "file")
+    elif rule.kind is int:
+        kwargs["type"] = click.IntRange(rule.low, rule.high)
+    elif rule.kind is float:
+        kwargs["type"] = click.FloatRange(rule.low, rule.high, min_open=rule.low_open)
+    return click.option(flag(name), name, **kwargs)
+
+
+def options(*sections: type, defaults: dict[str, Any] | None = None) -> Decorator:
+    """One option per knob of ``sections``, in declaration order (``defaults`` overrides a few)."""
+    overrides = defaults or {}
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(
-            [
-                click.option(
-                    "--dataset",
-                    type=click.Choice(DATASETS),
-                    default="cifar10",
-                    show_default=True,
-                    help="cifar10/cifar100/fashion-mnist (torchvision format, downloaded if missing) or imagefolder.",
-                ),
-                click.option(
-                    "--data-dir",
-                    type=click.Path(file_okay=False),
-                    default=None,
-                    help="Dataset folder (imagefolder: train/<class>/ and test/<class>/).",
-                ),
-                click.option(
-                    "--val-size",
-                    type=int,
-                    default=default_val_size,
-                    show_default=True,
-                    help="Train images held out for validation (fixed split; 0 = none).",
-                ),
-                click.option("--limit-train", type=int, default=None, help="Keep only N training images (quick runs)."),
-                click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-            ]
-        ):
-            fn = option(fn)
+        for section in reversed(sections):
+            defaults_of = {f.name: f.default for f in dataclasses.fields(section)}
+            for name, rule in reversed(list(knobs_of(section))):
+                fn = knob_option(name, rule, overrides.get(name, defaults_of[name]))(fn)
         return fn
 
     return decorate
+
+
+device_option = knob_option("device", DEVICE_KNOB, "auto")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+method_option = click.option("--method", type=click.Choice(METHODS), default="kd", show_default=True)
+storage_option = knob_option("storage", dict(knobs_of(SearchConfig))["storage"], None)
+
+
+def build(section: type, values: dict[str, Any]) -> Any:
+    """A config section from option values, a wrong value named by its option."""
+    try:
+        return section(**{name: values[name] for name, _ in knobs_of(section) if name in values})
+    except ConfigError as exc:
+        raise UserError(f"{flag(exc.name)} {exc.problem}") from None
+
+
+def run_config(flat: dict[str, Any]) -> RunConfig:
+    """A run config from option values by knob name, ``method``, ``device`` and ``hyperparameters``."""
+    try:
+        return RunConfig.from_flat(flat, origin="from the command line")
+    except ConfigError as exc:
+        option = "--hp" if exc.name not in (*KNOBS, "method", "device") else flag(exc.name)
+        raise UserError(f"{option} {exc.problem}") from None
+
+
+def given_on_command_line(ctx: click.Context, names: list[str]) -> list[str]:
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return [name for name in names if ctx.get_parameter_source(name) in sources]
+
+
+# --- commands -------------------------------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -132,61 +163,29 @@ def cli() -> None:
 
 
 @cli.command()
-@data_options(default_val_size=0)
+@options(DataConfig, defaults={"val_size": 0})
 @click.option("--model", default="deepnn", show_default=True, help="deepnn or package.module:Class.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@options(RecipeConfig)
+@device_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>[-val<N>].pt, the teacher that "
-    "runs with the same --val-size use by default].",
+    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>[-<recipe id>][-val<N>].pt, the "
+    "teacher that runs with the same --val-size use by default].",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def teacher(
-    dataset: str,
-    data_dir: str | None,
-    val_size: int,
-    limit_train: int | None,
-    device: str,
-    model: str,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    out: str | None,
-    as_json: bool,
-    quiet: bool,
-) -> None:
-    """Train the tutorial's teacher (10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
-    from kdsearch.data import load_splits
-    from kdsearch.loop import resolve_device
-    from kdsearch.models import resolve_model_class
-    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path, train_teacher
+@json_option
+@quiet_option
+def teacher(model: str, device: str, out: str | None, as_json: bool, quiet: bool, **values: Any) -> None:
+    """Train a teacher (by default the tutorial's: 10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
+    from kdsearch.teacher import TeacherConfig, run_teacher
 
-    recipe = TeacherRecipe(model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    for name in ("epochs", "batch_size"):
-        if getattr(recipe, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(recipe, name)}")
-    if lr <= 0:
-        raise UserError(f"--lr must be positive, got {lr}")
-    resolve_model_class(model)
-    torch_device = resolve_device(device)
-    splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
-    path = Path(out) if out else default_teacher_path(splits, recipe, val_size, limit_train)
-    result = train_teacher(
-        splits.to(torch_device),
-        recipe,
-        torch_device,
-        path,
-        progress=not quiet and not as_json,
-        data_settings={"val_size": val_size, "limit_train": limit_train, "data_dir": data_dir},
-    )
-    result["checkpoint"] = str(path)
+    try:
+        DEVICE_KNOB.validate("device", device)
+    except ConfigError as exc:
+        raise UserError(f"--device {exc.problem}") from None
+    config = TeacherConfig(build(DataConfig, values), model, build(RecipeConfig, values), device)
+    result = run_teacher(config, out, progress=not quiet and not as_json)
     emit(
         result,
         as_json,
@@ -198,37 +197,8 @@ def teacher(
     )
 
 
-# `train` and `optimize` take the same --precision (RunConfig.precision).
-precision_option = click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default="fp32",
-    show_default=True,
-    help="Student forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
-)
-
-RUN_OPTIONS = (
-    "method",
-    "dataset",
-    "data_dir",
-    "val_size",
-    "limit_train",
-    "device",
-    "epochs",
-    "batch_size",
-    "seed",
-    "teacher",
-    "teacher_model",
-    "student_model",
-    "teacher_layer",
-    "student_layer",
-    "width",
-    "precision",
-)
-
-
 @cli.command()
-@click.option("--method", type=click.Choice(METHODS), default="kd", show_default=True)
+@method_option
 @click.option(
     "--config",
     "config_path",
@@ -236,35 +206,22 @@ RUN_OPTIONS = (
     default=None,
     help="YAML/JSON run config (as `kdsearch export` writes); options given here override it.",
 )
-@data_options(default_val_size=5000)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
 @click.option(
-    "--teacher",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].",
+    "--rank", type=click.IntRange(1), default=1, show_default=True, help="Which config of an `export --top K` file."
 )
-@click.option("--teacher-model", default=None, help="Teacher architecture [default: from the checkpoint, else deepnn].")
-@click.option("--student-model", default="lightnn", show_default=True, help="lightnn or package.module:Class.")
-@click.option("--teacher-layer", default="features", show_default=True, help="Teacher layer tapped for features.")
-@click.option("--student-layer", default="features", show_default=True, help="Student layer tapped for features.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Student width multiplier.")
-@precision_option
-@click.option(
-    "--rank", type=int, default=1, show_default=True, help="Which config of an `export --top K` file (1 = best)."
-)
+@options(DataConfig, ModelsConfig, RecipeConfig)
+@device_option
 @click.option(
     "--hp",
     "hp_items",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A hyperparameter (repeatable), e.g. --hp temperature=4; unset ones take the tutorial's values.",
+    help="A method hyperparameter or recipe knob (repeatable), e.g. --hp temperature=4; unset ones take the "
+    "tutorial's values.",
 )
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the trained student here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def train(
     ctx: click.Context,
@@ -274,21 +231,23 @@ def train(
     out: str | None,
     as_json: bool,
     quiet: bool,
-    **options: Any,
+    **values: Any,
 ) -> None:
     """Run one distillation with given hyperparameters and report test accuracy."""
-    from kdsearch.distill import RunConfig, config_from_dict, load_config, run_training
+    from kdsearch.distill import run_training
+    from kdsearch.export import load_config
+    from kdsearch.spaces import parse_assignments
 
-    base = load_config(config_path, rank).to_dict() if config_path else RunConfig().to_dict()
-    for name in RUN_OPTIONS:
-        if config_path is None or ctx.get_parameter_source(name) in (
-            ParameterSource.COMMANDLINE,
-            ParameterSource.ENVIRONMENT,
-        ):
-            base[name] = options[name]
-    base["hyperparameters"] = {**base.get("hyperparameters", {}), **parse_assignments(hp_items, "--hp")}
-    config = config_from_dict(base, origin=config_path or "from the command line")
-    result = run_training(config, out=Path(out) if out else None, progress=not quiet and not as_json, log=log)
+    hp = parse_assignments(hp_items, "--hp")
+    if config_path is None:
+        flat = values | {"hyperparameters": hp}
+    else:
+        base = load_config(config_path, rank)
+        given = {name: values[name] for name in given_on_command_line(ctx, list(values))}
+        flat = base.flat() | {"device": base.device} | given | {"hyperparameters": dict(base.loss.params) | hp}
+    config = run_config(flat)
+    out_path = Path(out) if out else None
+    result = run_training(config, out=out_path, inputs=(config_path,), progress=not quiet and not as_json, log=log)
     emit(
         result,
         as_json,
@@ -298,7 +257,8 @@ def train(
                 + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
                 f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
                 f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
-                "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(r["hyperparameters"].items())),
+                "recipe: " + ", ".join(f"{k}={v}" for k, v in r["config"]["recipe"].items()),
+                "method: " + ", ".join(f"{k}={v}" for k, v in sorted(r["config"]["loss"]["params"].items())),
             ]
             + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else [])
         ),
@@ -307,34 +267,27 @@ def train(
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True)
-@click.option("--model", default=None, help="deepnn, lightnn or package.module:Class [default: from the checkpoint].")
-@click.option("--width", type=float, default=None, help="Width multiplier [default: from the checkpoint, else 1].")
-@data_options(default_val_size=5000)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--model",
+    default=None,
+    help="deepnn, lightnn or package.module:Class [default: a built-in name the checkpoint records].",
+)
+@click.option(
+    "--width",
+    type=click.FloatRange(0, 16, min_open=True),
+    default=None,
+    help="Width multiplier [default: from the checkpoint, else 1].",
+)
+@options(DataConfig)
+@device_option
+@json_option
 def evaluate(
-    checkpoint: str,
-    model: str | None,
-    width: float | None,
-    dataset: str,
-    data_dir: str | None,
-    val_size: int,
-    limit_train: int | None,
-    device: str,
-    as_json: bool,
+    checkpoint: str, model: str | None, width: float | None, device: str, as_json: bool, **values: Any
 ) -> None:
     """Report a checkpoint's test (and validation) accuracy."""
     from kdsearch.distill import run_evaluation
 
-    result = run_evaluation(
-        checkpoint,
-        model,
-        width,
-        dataset=dataset,
-        data_dir=data_dir,
-        val_size=val_size,
-        limit_train=limit_train,
-        device=device,
-    )
+    result = run_evaluation(checkpoint, model, width, build(DataConfig, values), device)
     emit(
         result,
         as_json,
@@ -346,144 +299,29 @@ def evaluate(
     )
 
 
-def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--storage",
-        envvar="KDSEARCH_STORAGE",
-        default=None,
-        help="SQLAlchemy URL [env KDSEARCH_STORAGE; default: sqlite:///studies/kdsearch.db].",
-    )(fn)
-
-
 @cli.command()
 @click.option("--method", type=click.Choice(METHODS), required=True)
-@click.option(
-    "--trials",
-    type=int,
-    default=None,
-    help="Trials this invocation runs (all --n-jobs workers together); with --total, the study's total.",
-)
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@data_options(default_val_size=5000)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option(
-    "--seed", type=int, default=42, show_default=True, help="Seed of the sampler and of every trial's training."
-)
-@click.option("--study-name", default=None, help="[default: <method>-<dataset>]; an existing study gets more trials.")
-@study_options
-@click.option("--sampler", type=click.Choice(("tpe", "random", "cmaes", "grid")), default="tpe", show_default=True)
-@click.option(
-    "--pruner", type=click.Choice(("median", "hyperband", "percentile", "none")), default="median", show_default=True
-)
-@click.option(
-    "--pruner-startup", type=int, default=5, show_default=True, help="Trials completed before pruning starts."
-)
-@click.option(
-    "--pruner-warmup", type=int, default=None, help="Epochs before a trial can be pruned [default: epochs/4]."
-)
-@click.option(
-    "--space",
-    "space_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Search-space YAML/JSON (see studies/spaces/); overrides the method's defaults.",
-)
-@click.option("--fix", "fixes", multiple=True, metavar="NAME=VALUE", help="Pin a hyperparameter (repeatable).")
-@click.option(
-    "--teacher",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Teacher checkpoint [default: the dataset's tutorial teacher, trained once if missing].",
-)
-@click.option("--teacher-model", default=None)
-@click.option("--student-model", default="lightnn", show_default=True)
-@click.option("--teacher-layer", default="features", show_default=True)
-@click.option("--student-layer", default="features", show_default=True)
-@click.option("--width", type=float, default=1.0, show_default=True)
-@precision_option
-@click.option(
-    "--n-jobs",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Worker processes on this machine, sharing the study and the CPU threads.",
-)
-@click.option(
-    "--total",
-    is_flag=True,
-    help="--trials is the study's total of finished trials (all workers, all hosts), not this run's.",
-)
-@click.option(
-    "--heartbeat",
-    type=int,
-    default=30,
-    show_default=True,
-    help="Seconds between a trial's heartbeats; trials of dead workers are failed and retried.",
-)
-@click.option(
-    "--objectives",
-    default="accuracy",
-    show_default=True,
-    help="accuracy, or a multi-objective search: accuracy,params and/or latency (adds --width to the space).",
-)
-@click.option(
-    "--baseline/--no-baseline",
-    default=True,
-    show_default=True,
-    help="Start a new study with the tutorial's hand-set hyperparameters as trial 0 (not with --sampler grid).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def optimize(
-    trials: int | None,
-    timeout: float | None,
-    study_name: str | None,
-    storage: str | None,
-    sampler: str,
-    pruner: str,
-    pruner_startup: int,
-    pruner_warmup: int | None,
-    space_file: str | None,
-    fixes: tuple[str, ...],
-    n_jobs: int,
-    total: bool,
-    heartbeat: int,
-    objectives: str,
-    baseline: bool,
-    as_json: bool,
-    quiet: bool,
-    **options: Any,
-) -> None:
-    """Search a strategy's hyperparameters with Optuna; the best student is kept as an artifact.
+@options(SearchConfig)
+@options(DataConfig, ModelsConfig, RecipeConfig)
+@device_option
+@json_option
+@quiet_option
+@click.pass_context
+def optimize(ctx: click.Context, as_json: bool, quiet: bool, **values: Any) -> None:
+    """Search a method's hyperparameters with Optuna; the best student is kept as an artifact.
 
     --trials N runs N trials in this invocation (split over --n-jobs workers); with --total, workers
     on any number of hosts pointed at one --storage stop when the study holds N finished trials.
+    A recipe knob the methods search (--lr, --optimizer, --augment…) given here is pinned, as with --fix.
     """
-    from kdsearch.distill import config_from_dict
-    from kdsearch.search import run_search
+    from kdsearch.study import run_search
 
-    config = config_from_dict(options, origin="from the command line")
-    summary = run_search(
-        config,
-        study_name=study_name,
-        storage_url=storage,
-        trials=trials,
-        timeout=timeout,
-        sampler_name=sampler,
-        pruner_name=pruner,
-        pruner_startup=pruner_startup,
-        pruner_warmup=pruner_warmup,
-        space_file=space_file,
-        fixes=fixes,
-        n_jobs=n_jobs,
-        heartbeat=heartbeat,
-        total=total,
-        objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
-        baseline=baseline,
-        progress=not quiet,
-        log=log,
-    )
+    pinned = [name for name in given_on_command_line(ctx, list(RECIPE_SPACE)) if name in values]
+    search_values = {name: values.pop(name) for name, _ in knobs_of(SearchConfig)}
+    search_values["fix"] = (*search_values["fix"], *(f"{name}={values[name]}" for name in pinned))
+    search = build(SearchConfig, search_values)
+    config = run_config(values)
+    summary = run_search(config, search, progress=not quiet, log=log)
     emit(
         summary,
         as_json,
@@ -511,7 +349,7 @@ def _best_lines(summary: dict[str, Any]) -> list[str]:
 
 
 @cli.command()
-@study_options
+@storage_option
 @click.option("-f", "--format", "fmt", type=click.Choice(("table", "json", "yaml")), default="table", show_default=True)
 def studies(storage: str | None, fmt: str) -> None:
     """List studies: method, dataset, trials by state, best value."""
@@ -522,7 +360,7 @@ def studies(storage: str | None, fmt: str) -> None:
 
 @cli.command()
 @click.option("--study-name", required=True)
-@study_options
+@storage_option
 @click.option(
     "-o",
     "--output",
@@ -534,13 +372,11 @@ def studies(storage: str | None, fmt: str) -> None:
     "--checkpoint",
     type=click.Path(),
     default=None,
-    help="Also save the best trial's student checkpoint here (a directory with --pareto).",
+    help="Also save the best trial's student checkpoint here (a folder with --pareto).",
 )
-@click.option("--top", type=int, default=1, show_default=True, help="Export the K best trials.")
+@click.option("--top", type=click.IntRange(1), default=1, show_default=True, help="Export the K best trials.")
 @click.option(
-    "--pareto",
-    is_flag=True,
-    help="Every Pareto-optimal trial of a multi-objective study (--checkpoint is then a directory).",
+    "--pareto", is_flag=True, help="Every Pareto-optimal trial of a multi-objective study (--checkpoint: a folder)."
 )
 def export(
     study_name: str, storage: str | None, output: str | None, checkpoint: str | None, top: int, pareto: bool
@@ -554,31 +390,19 @@ def export(
 
 
 @cli.command()
-@study_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 def dashboard(storage: str | None, host: str, port: int) -> None:
     """Serve optuna-dashboard on the study storage, with best-student checkpoints downloadable."""
-    from wsgiref.simple_server import make_server
+    from kdsearch.dashboard import serve
 
-    from kdsearch.export import dashboard_app
-    from kdsearch.search import default_storage_url, redact
-
-    app = dashboard_app(storage)
-    try:
-        server = make_server(host, port, app)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    log(f"dashboard for {redact(storage or default_storage_url())} at http://{host}:{server.server_port}/")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    serve(storage, host, port, log)
 
 
 @cli.command()
 @click.option("--study-name", required=True)
-@study_options
+@storage_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The HTML file to write.")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False), default=None, help="Also write PNGs here.")
 def report(study_name: str, storage: str | None, output: str, png_dir: str | None) -> None:

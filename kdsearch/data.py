@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdsearch.config import DATASETS
 from kdsearch.errors import UserError
 from kdsearch.fsutil import atomic_write
-
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder")
 
 # The tutorial normalises every 3-channel image with ImageNet's statistics; we keep that so a
 # tutorial checkpoint sees the inputs it was trained on.
@@ -132,10 +131,6 @@ def load_splits(
     and seeds; 0 disables validation). ``limit_train`` keeps the first N of the remaining train
     images, for quick runs. The test split is untouched and never used to choose anything.
     """
-    if val_size < 0:
-        raise UserError(f"--val-size must be 0 or more, got {val_size}")
-    if limit_train is not None and limit_train <= 0:
-        raise UserError(f"--limit-train must be positive, got {limit_train}")
     decoded = decode_dataset(dataset, data_dir, cache_dir=cache_dir)
     n_train = int(decoded.train_labels.shape[0])
     if val_size >= n_train:

@@ -1,14 +1,13 @@
 """One distillation run from a ``RunConfig``: the path `kdsearch train` and every search trial share.
 
 ``prepare`` does the per-process work once (load data, load or train the teacher, cache its
-outputs); ``train_student`` is the per-trial work (build the student and the strategy's loss, run
-the loop). A search calls ``prepare`` once and ``train_student`` per trial.
+outputs); ``train_student`` is the per-trial work (build the student and the method's loss, run
+the loop). A search calls ``prepare`` once and ``train_student`` per trial, each trial with its
+own config (the study's, with the trial's values).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,117 +17,17 @@ import torch
 from torch import nn
 
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from kdsearch.config import DataConfig, RunConfig
 from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
-from kdsearch.loop import (
-    PRECISIONS,
-    EpochReport,
-    TeacherOutputs,
-    check_precision,
-    evaluate,
-    feature_shape,
-    fit,
-    prepare_module,
-    resolve_device,
-)
+from kdsearch.fsutil import refuse_overwriting_inputs
+from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
+from kdsearch.losses import LossShapes
 from kdsearch.models import build_model, count_parameters
-from kdsearch.spaces import read_structured_file
+from kdsearch.paths import cache_dir
 from kdsearch.strategies import get_strategy
-from kdsearch.teacher import (
-    TeacherRecipe,
-    cache_dir,
-    default_teacher_path,
-    load_teacher,
-    teacher_outputs,
-    train_teacher,
-)
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines one distillation run; also the format of exported configs."""
-
-    method: str = "kd"
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    val_size: int = 5000
-    limit_train: int | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 42
-    device: str = "auto"
-    teacher: str | None = None
-    teacher_model: str | None = None
-    student_model: str = "lightnn"
-    teacher_layer: str = "features"
-    student_layer: str = "features"
-    width: float = 1.0
-    precision: str = "fp32"
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-
-    def check(self) -> None:
-        """Fail fast, before any data is loaded, on values no run could use."""
-        get_strategy(self.method)
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
-            raise UserError(f"val-size must be an integer 0 or more, got {self.val_size!r}")
-        if self.limit_train is not None and (not isinstance(self.limit_train, int) or self.limit_train <= 0):
-            raise UserError(f"limit-train must be a positive integer, got {self.limit_train!r}")
-        if not isinstance(self.width, (int, float)) or not math.isfinite(self.width) or self.width <= 0:
-            raise UserError(f"width must be positive, got {self.width!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.hyperparameters, dict):
-            raise UserError("hyperparameters must be a mapping of name to value")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-# Keys an exported config carries for provenance; `train --config` reads past them.
-PROVENANCE_KEYS = {"source", "kdsearch_version"}
-
-
-def config_from_dict(data: dict[str, Any], *, origin: str) -> RunConfig:
-    unknown = set(data) - CONFIG_FIELDS - PROVENANCE_KEYS
-    if unknown:
-        raise UserError(
-            f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(CONFIG_FIELDS))}"
-        )
-    values = {k: v for k, v in data.items() if k in CONFIG_FIELDS}
-    hp = values.get("hyperparameters", {})
-    values["hyperparameters"] = dict(hp) if isinstance(hp, dict) else hp
-    for key in ("data_dir", "teacher"):
-        if values.get(key) is not None:
-            values[key] = str(values[key])
-    try:
-        config = RunConfig(**values)
-    except TypeError as exc:
-        raise UserError(f"config {origin}: {exc}") from None
-    config.check()
-    return config
-
-
-def load_config(path: str | Path, rank: int = 1) -> RunConfig:
-    """A YAML or JSON run config, such as `kdsearch export` writes.
-
-    A file from ``export --top K`` holds ``configs: [...]`` best first; ``rank`` picks one.
-    """
-    data = read_structured_file(path, "config file")
-    if "configs" in data:
-        configs = data["configs"]
-        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
-            raise UserError(f"config file {path}: 'configs' must be a list of run configs")
-        if not 1 <= rank <= len(configs):
-            raise UserError(f"config file {path} holds {len(configs)} configs; --rank {rank} is out of range")
-        data = configs[rank - 1]
-    elif rank != 1:
-        raise UserError(f"config file {path} holds one config; --rank {rank} is out of range")
-    return config_from_dict(data, origin=str(path))
+from kdsearch.teacher import ensure_default_teacher, load_teacher, model_name_for
+from kdsearch.teacher_outputs import TeacherOutputs, cached_teacher_outputs
 
 
 @dataclass
@@ -138,50 +37,11 @@ class Prepared:
     config: RunConfig
     device: torch.device
     splits: TensorSplits
-    teacher: TeacherOutputs | None
-    teacher_path: Path | None
-    teacher_checksum: str | None
-    teacher_outputs_seconds: float
+    teacher: TeacherOutputs | None = None
+    teacher_path: Path | None = None
+    teacher_checksum: str | None = None
+    teacher_outputs_seconds: float = 0.0
     teacher_metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_teacher(
-    config: RunConfig,
-    splits: TensorSplits,
-    device: torch.device,
-    *,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """``--teacher PATH``, or the dataset's default teacher, trained once with the tutorial recipe.
-
-    The default teacher holds out the same ``val_size`` validation rows as the run (the split is one
-    seeded permutation), so a search never validates on images whose labels its teacher learnt.
-    It trains on every other train row, whatever ``limit_train`` says, so one teacher serves all.
-    """
-    if config.teacher is not None:
-        path = Path(config.teacher)
-        if not path.is_file():
-            raise UserError(f"teacher checkpoint {path} does not exist")
-        return path
-    recipe = TeacherRecipe(model=config.teacher_model or "deepnn")
-    path = default_teacher_path(splits, recipe, config.val_size)
-    if not path.exists():
-        if log is not None:
-            log(
-                f"no teacher for this dataset and validation split yet: "
-                f"training one ({recipe.epochs} epochs) into {path}"
-            )
-        held_out = load_splits(config.dataset, config.data_dir, val_size=config.val_size, cache_dir=cache_dir())
-        train_teacher(
-            held_out.to(device),
-            recipe,
-            device,
-            path,
-            progress=progress,
-            data_settings={"val_size": config.val_size, "limit_train": None},
-        )
-    return path
 
 
 def prepare(
@@ -196,38 +56,39 @@ def prepare(
     ``augmentations`` are those the runs may use (a search passes its space's choices; default:
     the one ``config`` names); ``flip`` among them brings the teacher's mirrored-view outputs.
     """
-    config.check()
     strategy = get_strategy(config.method)
-    hp = strategy.hyperparameters(config.hyperparameters)  # fail on bad values before loading anything
-    if augmentations is None:
-        augmentations = (str(hp["augment"]),)
     device = resolve_device(config.device)
-    check_precision(config.precision, device)
+    check_precision(config.recipe.precision, device)
+    data = config.data
     splits = load_splits(
-        config.dataset, config.data_dir, val_size=config.val_size, limit_train=config.limit_train, cache_dir=cache_dir()
+        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
     ).to(device)
     if not strategy.uses_teacher:
-        return Prepared(config, device, splits, None, None, None, 0.0)
-    path = resolve_teacher(config, splits, device, progress=progress, log=log)
-    teacher = load_teacher(path, config.teacher_model, splits, device)
-    # The tapped layer is cached even for logit-only strategies (when the teacher has it), so one
+        return Prepared(config, device, splits)
+    models = config.models
+    if models.teacher is not None:
+        path = Path(models.teacher)
+        if not path.is_file():
+            raise UserError(f"teacher checkpoint {path} does not exist")
+    else:
+        path = ensure_default_teacher(data, models.teacher_model, splits, device, progress=progress, log=log)
+    teacher = load_teacher(path, models.teacher_model, splits, device)
+    # The tapped layer is cached even for logit-only methods (when the teacher has it), so one
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
-    has_layer = config.teacher_layer in dict(teacher.model.named_modules())
-    layer = config.teacher_layer if strategy.uses_features or has_layer else None
-    cached = teacher_outputs(teacher, splits, layer, device, mirrored="flip" in augmentations)
-    outputs = cached.outputs
-    if not strategy.uses_features:
-        outputs = outputs.without_features()  # not indexed per step when unused
+    has_layer = models.teacher_layer in dict(teacher.model.named_modules())
+    layer = models.teacher_layer if strategy.uses_features or has_layer else None
+    views = augmentations if augmentations is not None else (config.recipe.augment,)
+    cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, mirrored="flip" in views)
+    outputs = cached.outputs if strategy.uses_features else cached.outputs.without_features()
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
 
 @dataclass
 class StudentResult:
     model: nn.Module
-    hyperparameters: dict[str, Any]
+    config: RunConfig  # the run's own (a trial's values included)
     epochs: list[EpochReport]
     params: int
-    width: float
 
     @property
     def val_accuracy(self) -> float | None:
@@ -236,71 +97,65 @@ class StudentResult:
 
 def build_student(config: RunConfig, splits: TensorSplits) -> nn.Module:
     return build_model(
-        config.student_model,
+        config.models.student_model,
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         image_size=splits.image_size,
-        width=config.width,
+        width=config.models.width,
     )
+
+
+def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> LossShapes:
+    """The tapped layers' per-sample shapes, for methods that compare features."""
+    if not get_strategy(config.method).uses_features:
+        return LossShapes()
+    assert prepared.teacher is not None and prepared.teacher.features is not None
+    student_shape = feature_shape(student, config.models.student_layer, prepared.splits.train.images, prepared.device)
+    return LossShapes(student_shape, tuple(prepared.teacher.features.shape[1:]))
 
 
 def train_student(
     prepared: Prepared,
-    hyperparameters: dict[str, Any],
+    config: RunConfig | None = None,
     *,
     on_epoch: Callable[[EpochReport], None] | None = None,
     progress: bool = False,
-    width: float | None = None,
 ) -> StudentResult:
-    """Seed, build the student and the strategy's loss, and run the shared loop."""
-    config = prepared.config
-    if width is not None:
-        config = dataclasses.replace(config, width=width)
+    """Seed, build the student and the method's loss, and run the shared loop.
+
+    ``config`` is this run's (a trial's), on the data and teacher ``prepared`` holds; default: the prepared one.
+    """
+    config = config or prepared.config
     strategy = get_strategy(config.method)
-    hp = strategy.hyperparameters(hyperparameters)
     splits, device = prepared.splits, prepared.device
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.recipe.seed)
     student = prepare_module(build_student(config, splits), device)
-    student_shape = teacher_shape = None
-    if strategy.uses_features:
-        assert prepared.teacher is not None and prepared.teacher.features is not None
-        student_shape = feature_shape(student, config.student_layer, splits.train.images, device)
-        teacher_shape = tuple(prepared.teacher.features.shape[1:])
-    loss_fn = prepare_module(strategy.build_loss(hp, student_shape, teacher_shape), device)
+    shapes = loss_shapes(prepared, student, config)
+    loss_fn = prepare_module(
+        strategy.build_loss(dict(config.loss.params), shapes, config.recipe.label_smoothing), device
+    )
     reports = fit(
         student,
         loss_fn,
         splits.train,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=float(hp["lr"]),
-        lr_schedule=str(hp["lr_schedule"]),
-        augment=str(hp["augment"]),
-        seed=config.seed,
+        config.recipe,
         device=device,
         teacher=prepared.teacher,
-        student_layer=config.student_layer if strategy.uses_features else None,
+        student_layer=config.models.student_layer if strategy.uses_features else None,
         val=splits.val,
         on_epoch=on_epoch,
         progress=progress,
-        precision=config.precision,
     )
-    return StudentResult(student, hp, reports, count_parameters(student), config.width)
-
-
-def test_accuracy(prepared: Prepared, model: nn.Module) -> float:
-    """Accuracy on the held-out test split: reported, never used to choose anything."""
-    return evaluate(model, prepared.splits.test, prepared.device)
+    return StudentResult(student, config, reports, count_parameters(student))
 
 
 def student_metadata(prepared: Prepared, result: StudentResult) -> dict[str, Any]:
     """What a student checkpoint records so `evaluate` and a re-run can rebuild it."""
-    config = dataclasses.replace(prepared.config, width=result.width)
-    splits = prepared.splits
+    splits, config = prepared.splits, result.config
     return {
         "kind": "student",
-        "model": config.student_model,
-        "width": result.width,
+        "model": config.models.student_model,
+        "width": config.models.width,
         "method": config.method,
         "dataset": splits.dataset,
         "data_fingerprint": splits.fingerprint,
@@ -310,7 +165,6 @@ def student_metadata(prepared: Prepared, result: StudentResult) -> dict[str, Any
         "mean": list(splits.mean),
         "std": list(splits.std),
         "teacher_sha256": prepared.teacher_checksum,
-        "hyperparameters": result.hyperparameters,
         "config": config.to_dict(),
         "val_accuracy": result.val_accuracy,
         "params": result.params,
@@ -318,19 +172,26 @@ def student_metadata(prepared: Prepared, result: StudentResult) -> dict[str, Any
 
 
 def run_training(
-    config: RunConfig, *, out: Path | None = None, progress: bool = False, log: Callable[[str], None] | None = None
+    config: RunConfig,
+    *,
+    out: Path | None = None,
+    inputs: tuple[str | None, ...] = (),
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
+    if out is not None:
+        refuse_overwriting_inputs({"--out": out}, (config.models.teacher, config.data.data_dir, *inputs))
     prepared = prepare(config, progress=progress, log=log)
-    result = train_student(prepared, config.hyperparameters, progress=progress)
-    test = test_accuracy(prepared, result.model)
+    result = train_student(prepared, progress=progress)
+    test = evaluate(result.model, prepared.splits.test, prepared.device)
     summary: dict[str, Any] = {
         "method": config.method,
-        "dataset": config.dataset,
+        "dataset": config.data.dataset,
         "test_accuracy": test,
         "val_accuracy": result.val_accuracy,
         "params": result.params,
-        "hyperparameters": result.hyperparameters,
+        "config": config.to_dict(),
         "epoch_seconds": [r.seconds for r in result.epochs],
         "epoch_val_accuracy": [r.val_accuracy for r in result.epochs],
         "epoch_train_loss": [r.train_loss for r in result.epochs],
@@ -341,40 +202,31 @@ def run_training(
         "train_images": len(prepared.splits.train),
     }
     if out is not None:
-        metadata = student_metadata(prepared, result) | {"test_accuracy": test}
-        save_checkpoint(out, result.model, metadata)
+        refuse_overwriting_inputs({"--out": out}, (str(prepared.teacher_path) if prepared.teacher_path else None,))
+        save_checkpoint(out, result.model, student_metadata(prepared, result) | {"test_accuracy": test})
         summary["checkpoint"] = str(out)
     return summary
 
 
 def run_evaluation(
-    checkpoint: str,
-    model_name: str | None,
-    width: float | None,
-    *,
-    dataset: str,
-    data_dir: str | None,
-    val_size: int,
-    limit_train: int | None,
-    device: str,
+    checkpoint: str, model_name: str | None, width: float | None, data: DataConfig, device: str
 ) -> dict[str, Any]:
     """`kdsearch evaluate`: accuracy of any checkpoint (student, teacher or tutorial state_dict)."""
     loaded = load_checkpoint(checkpoint)
-    meta = loaded.metadata
-    name = model_name or meta.get("model")
-    if name is None:
-        raise UserError(
-            f"checkpoint {checkpoint} has no metadata naming its model; pass --model deepnn|lightnn|pkg.mod:Class"
-        )
+    name = model_name_for(loaded.metadata, model_name, checkpoint, fallback=None)
     torch_device = resolve_device(device)
-    splits = load_splits(dataset, data_dir, val_size=val_size, limit_train=limit_train, cache_dir=cache_dir())
-    chosen_width = width if width is not None else float(meta.get("width", 1.0))
+    splits = load_splits(
+        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
+    )
+    recorded_width = loaded.metadata.get("width", 1.0)
+    if width is None and (isinstance(recorded_width, bool) or not isinstance(recorded_width, (int, float))):
+        raise UserError(f"checkpoint {checkpoint} records width {recorded_width!r}, not a number; pass --width")
     model = build_model(
         name,
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         image_size=splits.image_size,
-        width=chosen_width,
+        width=width if width is not None else float(recorded_width),
     )
     load_weights(model, loaded, source=checkpoint, model_name=name)
     model = prepare_module(model, torch_device)
@@ -382,7 +234,7 @@ def run_evaluation(
     return {
         "checkpoint": checkpoint,
         "model": name,
-        "dataset": dataset,
+        "dataset": data.dataset,
         "test_accuracy": evaluate(model, splits.test, torch_device),
         "val_accuracy": evaluate(model, splits.val, torch_device) if splits.val is not None else None,
         "params": count_parameters(model),

@@ -1,12 +1,13 @@
-"""Reading studies back out: the ``studies`` listing, ``export`` of best configs, the dashboard.
+"""Reading studies back out: the ``studies`` listing and ``export`` of best configs and students.
 
-An exported config is a ``RunConfig`` (what `kdsearch train --config` reads) built from the study's
-user attributes and the trial's parameters alone, plus a ``source`` block saying where it came
-from. It re-trains on the whole train split (``val_size: 0``) and reports test accuracy.
+An exported config is a ``RunConfig`` (what `kdsearch train --config` reads) rebuilt from the
+study's user attributes and the trial's values alone, plus a ``source`` block saying where it
+came from. It re-trains on the whole train split (``val_size: 0``) and reports test accuracy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,47 +19,26 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch import __version__
+from kdsearch.config import KNOBS, RunConfig
 from kdsearch.errors import UserError
-from kdsearch.fsutil import atomic_write
-from kdsearch.search import (
+from kdsearch.fsutil import atomic_write, read_structured_file, refuse_overwriting_inputs
+from kdsearch.paths import artifact_root
+from kdsearch.storage import (
     ArtifactDirectory,
-    artifact_root,
     check_storage_url,
     counts,
-    default_storage_url,
-    open_storage,
+    is_kdsearch_study,
+    load_existing_study,
+    open_existing_storage,
     redact,
 )
 
-FORMATS = ("table", "json", "yaml")
-
-
-def _sqlite_file(url: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        check_storage_url(url, create_parent=False)
-        raise
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return Path(parsed.database)
-    check_storage_url(url, create_parent=False)
-    return None
-
-
-def _storage(url: str | None) -> tuple[optuna.storages.BaseStorage | None, str]:
-    """Open a storage for reading; a SQLite file that does not exist yet is not created (None)."""
-    url = url or default_storage_url()
-    sqlite_file = _sqlite_file(url)
-    if sqlite_file is not None and not sqlite_file.exists():
-        return None, url
-    return open_storage(url), url
+EXPORT_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
     """One row per study: name, method, dataset, trial counts by state, best value."""
-    storage, _ = _storage(storage_url)
+    storage, _ = open_existing_storage(storage_url)
     if storage is None:
         return []
     rows = []
@@ -67,14 +47,13 @@ def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
         attrs = study.user_attrs
         row: dict[str, Any] = {
             "name": summary.study_name,
-            "method": attrs.get("method"),
+            "method": attrs.get("method") if is_kdsearch_study(study) else "(not kdsearch)",
             "dataset": attrs.get("dataset"),
             **counts(study),
+            "best_value": None,
         }
-        try:
-            row["best_value"] = study.best_value if len(study.directions) == 1 else None
-        except ValueError:
-            row["best_value"] = None
+        if len(study.directions) == 1 and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            row["best_value"] = study.best_value
         rows.append(row)
     return rows
 
@@ -103,43 +82,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def load_existing_study(storage_url: str | None, study_name: str) -> tuple[optuna.Study, str]:
-    storage, url = _storage(storage_url)
-    if storage is None:
-        raise UserError(f"no study named {study_name!r} in {redact(url)}: the storage file does not exist yet")
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage), url
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        raise UserError(
-            f"no study named {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}"
-        ) from None
+def trial_run_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
+    """The run a trial was: the study's knobs with the trial's pinned and searched values, its seed."""
+    attrs = study.user_attrs
+    base = {key: attrs[key] for key in ("method", *KNOBS) if key in attrs}
+    config = RunConfig.from_flat(base, origin=f"of study {study.study_name!r}")
+    config = config.with_values({**trial.user_attrs.get("fixed_params", {}), **trial.params})
+    return config.with_values({"seed": trial.user_attrs.get("seed", config.recipe.seed)})
 
 
 def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str, Any]:
-    """A `train --config` file for ``trial``: the study's settings, the trial's hyperparameters."""
+    """A `train --config` document for ``trial``: re-trains on the whole train split."""
+    config = trial_run_config(study, trial)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, val_size=0))
     attrs = study.user_attrs
-    if "method" not in attrs:
-        raise UserError(f"study {study.study_name!r} was not created by kdsearch (no method recorded)")
-    hyperparameters = dict(trial.user_attrs.get("fixed_params", {}))  # pinned by that trial's run
-    hyperparameters.update(trial.params)
-    return {
-        "method": attrs["method"],
-        "dataset": attrs["dataset"],
-        "data_dir": attrs.get("data_dir"),
-        "val_size": 0,
-        "limit_train": attrs.get("limit_train"),
-        "epochs": attrs["epochs"],
-        "batch_size": attrs.get("batch_size", 128),
-        "seed": trial.user_attrs.get("seed", attrs.get("seed", 42)),
-        "teacher": attrs.get("teacher"),
-        "teacher_model": attrs.get("teacher_model"),
-        "student_model": attrs.get("student_model", "lightnn"),
-        "teacher_layer": attrs.get("teacher_layer", "features"),
-        "student_layer": attrs.get("student_layer", "features"),
-        "width": hyperparameters.get("width", attrs.get("width", 1.0)),  # searched or pinned, else the study's
-        "precision": attrs.get("precision", "fp32"),
-        "hyperparameters": {k: v for k, v in hyperparameters.items() if k != "width"},
+    return config.to_dict() | {
         "source": {
             "study": study.study_name,
             "storage": redact(url),
@@ -152,6 +109,24 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
         },
         "kdsearch_version": __version__,
     }
+
+
+def load_config(path: str | Path, rank: int = 1) -> RunConfig:
+    """A YAML or JSON run config, such as `kdsearch export` writes.
+
+    A file from ``export --top K`` holds ``configs: [...]`` best first; ``rank`` picks one.
+    """
+    data = read_structured_file(path, "config file")
+    if "configs" in data:
+        configs = data["configs"]
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise UserError(f"config file {path}: 'configs' must be a list of run configs")
+        if not 1 <= rank <= len(configs):
+            raise UserError(f"config file {path} holds {len(configs)} configs; --rank {rank} is out of range")
+        data = configs[rank - 1]
+    elif rank != 1:
+        raise UserError(f"config file {path} holds one config; --rank {rank} is out of range")
+    return RunConfig.from_dict(data, origin=str(path))
 
 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
@@ -173,15 +148,18 @@ def export_study(
     """Write (or return, without ``output``) the best trials' configs; optionally fetch checkpoints.
 
     ``pareto`` exports every Pareto-optimal trial of a multi-objective study; then ``checkpoint`` is
-    a directory receiving ``trial-<n>.pt`` for each.
+    a folder receiving ``trial-<n>.pt`` for each. Every path is checked before anything is written,
+    and no output may be the storage or another output.
     """
-    if top <= 0:
-        raise UserError(f"--top must be positive, got {top}")
-    if output is not None and Path(output).suffix not in (".yaml", ".yml", ".json"):
+    if output is not None and Path(output).suffix not in EXPORT_SUFFIXES:
         raise UserError(f"-o {output}: the file must end in .yaml, .yml or .json")
     if pareto and checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
-        raise UserError(f"--checkpoint {checkpoint} must be a directory with --pareto")
+        raise UserError(f"--checkpoint {checkpoint} must be a folder with --pareto")
     study, url = load_existing_study(storage_url, study_name)
+    storage_file = check_storage_url(url, create_parent=False)
+    refuse_overwriting_inputs({"-o": output}, (storage_file, checkpoint))
+    if not pareto:
+        refuse_overwriting_inputs({"--checkpoint": checkpoint}, (storage_file, output))
     if pareto:
         trials = sorted(study.best_trials, key=lambda t: t.values[1:]) if study.get_trials(deepcopy=False) else []
         if not trials:
@@ -192,22 +170,29 @@ def export_study(
     document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
     as_json = output is not None and output.endswith(".json")
     text = json.dumps(document, indent=2) if as_json else yaml.safe_dump(document, sort_keys=False)
-    if checkpoint is not None:
-        chosen = trials if pareto else trials[:1]
-        missing = [t.number for t in chosen if t.user_attrs.get("artifact_id") is None]
-        if missing:
-            raise UserError(f"trials {missing} of {study_name!r} kept no checkpoint artifact")
+    chosen = (trials if pareto else trials[:1]) if checkpoint is not None else []
+    missing = [t.number for t in chosen if t.user_attrs.get("artifact_id") is None]
+    if missing:
+        raise UserError(f"trials {missing} of {study_name!r} kept no checkpoint artifact")
+    written: list[Path] = []
+    try:
         for trial in chosen:
+            assert checkpoint is not None
             target = Path(checkpoint) / f"trial-{trial.number}.pt" if pareto else Path(checkpoint)
             fetch_artifact(trial.user_attrs["artifact_id"], target)
-    if output is not None:
-        atomic_write(output, lambda tmp: tmp.write_text(text))
+            written.append(target)
+        if output is not None:
+            atomic_write(output, lambda tmp: tmp.write_text(text))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return text
 
 
 def fetch_artifact(artifact_id: str, target: Path) -> None:
     """Download an artifact atomically to ``target``."""
-    store = ArtifactDirectory(artifact_root())
+    store = ArtifactDirectory()
 
     def fetch(tmp: Path) -> None:
         tmp.unlink()  # optuna refuses to overwrite; atomic_write still renames into place
@@ -217,13 +202,3 @@ def fetch_artifact(artifact_id: str, target: Path) -> None:
         atomic_write(target, fetch)
     except ArtifactNotFound:
         raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
-
-
-def dashboard_app(storage_url: str | None) -> Any:
-    """optuna-dashboard's WSGI app on the study storage, with kdsearch's artifact store."""
-    import optuna_dashboard
-
-    storage, url = _storage(storage_url)
-    if storage is None:
-        raise UserError(f"no studies in {redact(url)} yet: run `kdsearch optimize` first")
-    return optuna_dashboard.wsgi(storage, artifact_store=ArtifactDirectory(artifact_root()))

@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashes.
+"""Atomic file writes, content hashes, output-path checks and config-file reading.
 
 Every file kdsearch writes (checkpoints, caches, exports) goes through ``atomic_write`` so a crash
 or a failed check never leaves a half-written file where a reader would find it.
@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+from kdsearch.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -44,3 +47,53 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(outputs: dict[str, str | os.PathLike[str] | None], inputs: Iterable[object]) -> None:
+    """Fail, before anything runs, when an output path would replace an input or cannot be a file.
+
+    ``outputs`` maps the user's option (``--out``) to its path; ``inputs`` are the command's files and
+    folders (storage, teacher, config, caches). An output inside an input folder is allowed; an
+    output that *is* an input, an existing folder, or a path below a regular file is not.
+    """
+    given = [Path(str(p)) for p in inputs if p is not None]
+    for option, raw in outputs.items():
+        if raw is None:
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            raise UserError(f"{option} {path} is a folder; give a file path")
+        for parent in path.absolute().parents:
+            if parent.exists() and not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+        for source in given:
+            if path.absolute() == source.absolute() or _same_file(path, source):
+                raise UserError(f"{option} {path} is one of this command's inputs; refusing to overwrite it")
+
+
+def read_structured_file(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """Read a YAML or JSON mapping; anything unreadable is one user error naming the file."""
+    import json
+
+    import yaml
+
+    target = Path(path)
+    if not target.is_file():
+        raise UserError(f"{what} {target} does not exist")
+    try:
+        text = target.read_text()
+        data = json.loads(text) if target.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "JSON" if target.suffix == ".json" else "YAML"
+        raise UserError(f"{what} {target} is not valid {kind}: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {target} must hold a mapping at the top level")
+    return data

@@ -1,41 +1,41 @@
-"""The one training loop every strategy (and the teacher) goes through, and evaluation.
+"""The one training loop every method (and the teacher) goes through, and evaluation.
 
 Batches are rows of in-memory tensors picked by a seeded permutation; the frozen teacher's
-outputs arrive precomputed and are indexed the same way, so the teacher never runs here. The loop
-knows nothing of Optuna: it calls ``on_epoch`` after every epoch, and a search prunes by raising
-from there.
+outputs arrive precomputed and are gathered for the same rows, so the teacher never runs here.
+The loop knows nothing of Optuna: it calls ``on_epoch`` after every epoch, and a search prunes by
+raising from there. Its parts: ``batches`` (order and views), ``TeacherOutputs.rows`` (the
+teacher's side of a batch), ``learning_rate_at`` (the schedule), ``make_optimizer`` and
+``Training.step`` (one update).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kdsearch.config import RecipeConfig
 from kdsearch.data import Split
 from kdsearch.errors import UserError
-from kdsearch.fastpath import pool_before_relu
-from kdsearch.recipe import AUGMENTATIONS, LR_SCHEDULES, learning_rate_at
-from kdsearch.strategies.base import DistillationLoss, LossInputs
+from kdsearch.losses import LossInputs, WeightedSum
 from kdsearch.taps import FeatureTap
+from kdsearch.teacher_outputs import TeacherOutputs, as_input, pick_rows
 
 EVAL_BATCH_SIZE = 1024
 # How often (in steps) the running loss is checked for NaN/inf: each check syncs a GPU, and a
 # diverged run is caught within this many steps (and always at the end of an epoch).
 FINITE_CHECK_EVERY = 50
-# Training precisions: fp32, or autocast with bf16 (CPU and CUDA) or fp16 (CUDA, with a gradient
-# scaler). Weights, optimizer state, losses and evaluation stay float32 in every case.
-PRECISIONS = ("fp32", "bf16", "fp16")
+SGD_MOMENTUM = 0.9
 
 
 def check_precision(precision: str, device: torch.device) -> None:
     """Reject a precision the device cannot train in, before any data is loaded."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
@@ -45,46 +45,6 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager[obj
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@dataclass
-class TeacherOutputs:
-    """The frozen teacher's logits (and tapped features) for every train row, in row order.
-
-    ``mirrored`` holds the same for the horizontally flipped images, when ``flip`` augmentation
-    may be used: a flipped row is paired with the teacher's view of that flipped image.
-    """
-
-    logits: Tensor
-    features: Tensor | None
-    layer: str | None
-    mirrored: TeacherOutputs | None = None
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
-
-    def to(self, device: torch.device) -> TeacherOutputs:
-        features = self.features.to(device) if self.features is not None else None
-        mirrored = self.mirrored.to(device) if self.mirrored is not None else None
-        return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored)
-
-    def map_features(self, transform: Callable[[Tensor], Tensor]) -> TeacherOutputs:
-        """The same outputs with ``transform`` applied to the features of every view."""
-        features = transform(self.features) if self.features is not None else None
-        mirrored = self.mirrored.map_features(transform) if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, features, self.layer, mirrored)
-
-    def without_features(self) -> TeacherOutputs:
-        """Logits only (so features are not indexed per step by a logit-only strategy)."""
-        mirrored = self.mirrored.without_features() if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, None, None, mirrored)
-
-
-def _pick(flip: Tensor | None, plain: Tensor, flipped: Tensor) -> Tensor:
-    """Row-wise ``flipped`` where ``flip`` is set, else ``plain``."""
-    if flip is None:
-        return plain
-    return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), flipped, plain)
 
 
 @dataclass
@@ -100,9 +60,6 @@ class DivergedError(UserError):
 
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(f"training diverged at epoch {epoch}, step {step} (loss {value}); try a lower learning rate")
-        self.epoch = epoch
-        self.step = step
-        self.value = value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,157 +78,186 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
-    """Move to ``device``; channels_last on CPU, where it is ~2.5x faster for these convs.
-
-    ReLU→max-pool pairs run pooled first (``kdsearch.fastpath``): the same numbers, less work.
-    """
+    """Move to ``device``; channels_last on the CPU, where these convolutions run much faster in it."""
     module = module.to(device)
     if device.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    pool_before_relu(module)
     return module
 
 
-def _as_input(images: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu" and images.dim() == 4:
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
+def learning_rate_at(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
+    """The rate for 0-based ``step`` of ``total_steps``: constant, or half a cosine from base to 0.
+
+    It depends only on the step count of the whole run, never on the pruner or on the epochs seen
+    so far, so a search trial and the re-train of its exported config follow the same curve.
+    """
+    if schedule == "constant":
+        return base_lr
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def make_optimizer(recipe: RecipeConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam (the tutorial's), AdamW (decoupled decay) or SGD with Nesterov momentum 0.9."""
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=recipe.weight_decay
+        )
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+@dataclass
+class Batch:
+    index: Tensor  # train rows
+    flip: Tensor | None  # rows shown mirrored (flip augmentation), else None
+
+
+def batches(
+    n: int, batch_size: int, augment: str, order: torch.Generator, views: torch.Generator, device: torch.device
+) -> Iterator[Batch]:
+    """One epoch: a seeded permutation cut into batches, with each row's view.
+
+    The views come from their own generator, so the batch order is the same as without augmentation.
+    """
+    permutation = torch.randperm(n, generator=order).to(device)
+    for begin in range(0, n, batch_size):
+        index = permutation[begin : begin + batch_size]
+        flip = (torch.rand(len(index), generator=views) < 0.5).to(device) if augment == "flip" else None
+        yield Batch(index, flip)
+
+
+@dataclass
+class Training:
+    """The state of one run of ``fit``: what each step needs, built once."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    train: Split
+    recipe: RecipeConfig
+    device: torch.device
+    teacher: TeacherOutputs | None
+    tap: FeatureTap | None
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+    steps_per_epoch: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = [p for p in [*self.model.parameters(), *self.loss_fn.parameters()] if p.requires_grad]
+        self.optimizer = make_optimizer(self.recipe, params)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.recipe.precision == "fp16")
+        self.steps_per_epoch = (len(self.train) + self.recipe.batch_size - 1) // self.recipe.batch_size
+
+    def inputs(self, batch: Batch) -> LossInputs:
+        """The student's forward pass on the batch's views, and what the loss compares it with."""
+        images = self.train.images[batch.index]
+        if batch.flip is not None:
+            images = pick_rows(batch.flip, images, images.flip(-1))
+        with autocast(self.recipe.precision, self.device):
+            logits = self.model(as_input(images, self.device))
+            features = self.tap.take() if self.tap is not None else None
+        inputs = LossInputs(logits.float(), self.train.labels[batch.index])
+        if features is not None:
+            inputs.student_features = features.float()
+        if self.teacher is not None:
+            inputs.teacher_logits, inputs.teacher_features = self.teacher.rows(batch.index, batch.flip)
+        return inputs
+
+    def step(self, batch: Batch, step: int) -> Tensor:
+        """One update at 0-based run step ``step``; returns the batch's loss (detached)."""
+        loss = self.loss_fn(self.inputs(batch))
+        if self.recipe.lr_schedule != "constant":
+            total = self.recipe.epochs * self.steps_per_epoch
+            rate = learning_rate_at(self.recipe.lr_schedule, self.recipe.lr, step, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
 
 
 def fit(
     model: nn.Module,
     loss_fn: nn.Module,
     train: Split,
+    recipe: RecipeConfig,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
     device: torch.device,
     teacher: TeacherOutputs | None = None,
     student_layer: str | None = None,
     val: Split | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     progress: bool = False,
-    precision: str = "fp32",
-    lr_schedule: str = "constant",
-    augment: str = "none",
 ) -> list[EpochReport]:
-    """Train ``model`` (and ``loss_fn``'s own parameters) with Adam for ``epochs`` epochs.
+    """Train ``model`` (and ``loss_fn``'s own parameters) as ``recipe`` says.
 
-    ``lr_schedule`` (see ``kdsearch.recipe``) sets the rate before every step, over all the
-    run's steps, so it depends only on the step count and never on the pruner or the epoch count
-    seen so far. ``augment="flip"`` mirrors a random half of every batch (from its own seeded
-    generator, so the batch order is the same as without it) and pairs each mirrored row with the
-    teacher's cached outputs for the mirrored image.
-
-    ``train``/``val``/``teacher`` must already be on ``device``. ``student_layer`` taps the student's
-    features for losses that need them. Raises ``DivergedError`` on a non-finite loss. With a
-    reduced ``precision`` only the student's forward pass runs under autocast: its outputs are cast
-    back to float32 before the loss, so softmax, temperature scaling and feature distances (and the
-    cached float32 teacher outputs they meet) keep full precision.
+    ``train``/``val``/``teacher`` must already be on ``device``. ``student_layer`` taps the
+    student's features for losses that need them. Raises ``DivergedError`` on a non-finite loss.
+    With a reduced precision only the student's forward pass runs under autocast: its outputs are
+    cast back to float32 before the loss, so softmax, temperature scaling and feature distances
+    (and the cached float32 teacher outputs they meet) keep full precision.
     """
-    if epochs <= 0:
-        raise UserError(f"epochs must be positive, got {epochs}")
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
     if teacher is not None and len(teacher) != len(train):
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
-    check_precision(precision, device)
-    if lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"unknown learning-rate schedule {lr_schedule!r}; use {', '.join(LR_SCHEDULES)}")
-    if augment not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation {augment!r}; use {', '.join(AUGMENTATIONS)}")
-    if augment == "flip" and teacher is not None and teacher.mirrored is None:
+    if recipe.augment == "flip" and teacher is not None and teacher.mirrored is None:
         raise ValueError("flip augmentation needs the teacher's outputs for the mirrored images")
-    if teacher is not None and teacher.features is not None and isinstance(loss_fn, DistillationLoss):
+    check_precision(recipe.precision, device)
+    if teacher is not None and teacher.features is not None and isinstance(loss_fn, WeightedSum):
         teacher = teacher.map_features(loss_fn.teacher_features_once)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    generator = torch.Generator().manual_seed(seed)
-    flip_generator = torch.Generator().manual_seed(seed + 1)
-    n = len(train)
-    steps_per_epoch = (n + batch_size - 1) // batch_size
+    order = torch.Generator().manual_seed(recipe.seed)
+    views = torch.Generator().manual_seed(recipe.seed + 1)
     reports: list[EpochReport] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=epochs * steps_per_epoch, unit="batch", leave=False, dynamic_ncols=True)
-    try:
-        with ExitStack() as stack:
-            tap = stack.enter_context(FeatureTap(model, student_layer)) if student_layer else None
-            for epoch in range(1, epochs + 1):
-                start = time.perf_counter()
-                model.train()
-                loss_fn.train()
-                order = torch.randperm(n, generator=generator).to(device)
-                running = torch.zeros((), device=device)
-                steps = 0
-                for steps, begin in enumerate(range(0, n, batch_size), start=1):
-                    index = order[begin : begin + batch_size]
-                    images = train.images[index]
-                    flip = None
-                    if augment == "flip":
-                        flip = (torch.rand(len(index), generator=flip_generator) < 0.5).to(device)
-                        images = _pick(flip, images, images.flip(-1))
-                    images = _as_input(images, device)
-                    with autocast(precision, device):
-                        logits = model(images)
-                        features = tap.take() if tap is not None else None
-                    inputs = LossInputs(logits.float(), train.labels[index])
-                    if features is not None:
-                        inputs.student_features = features.float()
-                    if teacher is not None:
-                        mirrored = teacher.mirrored if flip is not None else None
-                        inputs.teacher_logits = teacher.logits[index]
-                        if mirrored is not None:
-                            inputs.teacher_logits = _pick(flip, inputs.teacher_logits, mirrored.logits[index])
-                        if teacher.features is not None:
-                            inputs.teacher_features = teacher.features[index]
-                            if mirrored is not None and mirrored.features is not None:
-                                inputs.teacher_features = _pick(flip, inputs.teacher_features, mirrored.features[index])
-                    loss = loss_fn(inputs)
-                    if lr_schedule != "constant":
-                        step_lr = learning_rate_at(
-                            lr_schedule, lr, (epoch - 1) * steps_per_epoch + steps - 1, epochs * steps_per_epoch
-                        )
-                        for group in optimizer.param_groups:
-                            group["lr"] = step_lr
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    running += loss.detach()
-                    if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(running):
-                        raise DivergedError(epoch, steps, float(loss.detach()))
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_description(f"epoch {epoch}/{epochs}")
-                mean_loss = float(running) / max(steps, 1)
-                if not torch.isfinite(running):
-                    raise DivergedError(epoch, steps, mean_loss)
-                val_accuracy = evaluate(model, val, device) if val is not None else None
-                report = EpochReport(epoch, mean_loss, val_accuracy, time.perf_counter() - start)
-                reports.append(report)
+    with ExitStack() as stack:
+        tap = stack.enter_context(FeatureTap(model, student_layer)) if student_layer else None
+        run = Training(model, loss_fn, train, recipe, device, teacher, tap)
+        bar = stack.enter_context(_progress(progress, recipe.epochs * run.steps_per_epoch))
+        for epoch in range(1, recipe.epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            loss_fn.train()
+            running = torch.zeros((), device=device)
+            steps = 0
+            for steps, batch in enumerate(
+                batches(len(train), recipe.batch_size, recipe.augment, order, views, device), 1
+            ):
+                loss = run.step(batch, (epoch - 1) * run.steps_per_epoch + steps - 1)
+                running += loss
+                if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(running):
+                    raise DivergedError(epoch, steps, float(loss))
                 if bar is not None:
-                    shown = f"{val_accuracy:.2f}%" if val_accuracy is not None else "-"
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", val=shown)
-                if on_epoch is not None:
-                    on_epoch(report)
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
+                    bar.set_description(f"epoch {epoch}/{recipe.epochs}")
+            mean_loss = float(running) / max(steps, 1)
+            if not torch.isfinite(running):
+                raise DivergedError(epoch, steps, mean_loss)
+            val_accuracy = evaluate(model, val, device) if val is not None else None
+            report = EpochReport(epoch, mean_loss, val_accuracy, time.perf_counter() - start)
+            reports.append(report)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{mean_loss:.3f}", val=f"{val_accuracy:.2f}%" if val_accuracy is not None else "-"
+                )
+            if on_epoch is not None:
+                on_epoch(report)
     return reports
+
+
+def _progress(enabled: bool, total: int) -> AbstractContextManager[Any]:
+    if not enabled:
+        return nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", leave=False, dynamic_ncols=True)
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: Tensor, device: torch.device, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
     """Logits for ``images`` in large inference batches, the model left in eval mode."""
     model.eval()
-    outputs = [model(_as_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)]
+    outputs = [model(as_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)]
     return torch.cat(outputs)
 
 
@@ -282,38 +268,9 @@ def evaluate(model: nn.Module, split: Split, device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def compute_teacher_outputs(
-    teacher: nn.Module,
-    images: Tensor,
-    layer: str | None,
-    device: torch.device,
-    batch_size: int = 512,
-    *,
-    mirrored: bool = False,
-) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images`` (flipped left-right when ``mirrored``).
-
-    Keeps the logits and the tapped layer's output, row by row as ``images``.
-    """
-    teacher.eval()
-    logits: list[Tensor] = []
-    features: list[Tensor] = []
-    with ExitStack() as stack:
-        tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
-            if mirrored:
-                batch = batch.flip(-1)
-            logits.append(teacher(_as_input(batch, device)).float().cpu())
-            if tap is not None:
-                features.append(tap.take().float().contiguous().cpu())
-    return TeacherOutputs(torch.cat(logits), torch.cat(features) if features else None, layer)
-
-
-@torch.inference_mode()
 def feature_shape(model: nn.Module, layer: str, sample: Tensor, device: torch.device) -> tuple[int, ...]:
     """Per-sample shape of ``layer``'s output, found by one forward pass on one sample."""
     model.eval()
     with FeatureTap(model, layer) as tap:
-        model(_as_input(sample[:1], device))
+        model(as_input(sample[:1], device))
         return tuple(tap.take().shape[1:])

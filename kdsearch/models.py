@@ -3,6 +3,13 @@
 The classes keep the tutorial's module names (``features``, ``classifier``) and so its state_dict
 keys: a checkpoint saved by the tutorial's own code loads here unchanged. They are sized from the
 dataset (channels, image size, classes) instead of hard-coding CIFAR-10's 3x32x32 and 10 classes.
+
+Each conv block pools before its ReLU, where the tutorial writes ReLU then max-pool. The two commute
+exactly: ReLU is monotone, so ``relu(max(x)) == max(relu(x))`` value for value, and the gradient
+reaches the same input element either way. Pooling first runs the ReLU, forward and backward, on a
+quarter of the elements. Only the order of two parameter-free modules differs from the tutorial's
+listing, so the convolutions keep their indices and the state_dict keys are the tutorial's; a test
+trains both orders and compares them bit for bit. User models run exactly as written.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from kdsearch.errors import UserError
 
@@ -39,13 +46,13 @@ class DeepNN(nn.Module):
             nn.Conv2d(in_channels, 128, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.Conv2d(128, 64, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.ReLU(),
             nn.Conv2d(64, 64, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.Conv2d(64, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.ReLU(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_size(32, image_size, 2), 512),
@@ -54,7 +61,7 @@ class DeepNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
         x = x.flatten(1)
         return self.classifier(x)
@@ -77,11 +84,11 @@ class LightNN(nn.Module):
         hidden = max(1, round(256 * width))
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.ReLU(),
             nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.ReLU(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_size(channels, image_size, 2), hidden),
@@ -90,7 +97,7 @@ class LightNN(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
         x = x.flatten(1)
         return self.classifier(x)

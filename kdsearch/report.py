@@ -20,10 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import UserError
-from kdsearch.export import load_existing_study
 from kdsearch.fsutil import atomic_write
-
-PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "pareto_front")
+from kdsearch.storage import load_existing_study
 
 
 def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]]:

@@ -1,69 +1,54 @@
-"""Search spaces: parameter types, the YAML/JSON file format, and ``--fix`` overrides.
+"""Search spaces: Optuna distributions, the YAML/JSON file format, ``--fix`` pins, grids and baselines.
 
-A space is a mapping from hyperparameter name to a ``FloatParam``, ``IntParam``, ``CategoricalParam``
-or a constant. Each strategy owns its default space (see ``kdsearch.strategies``); a user's space
-file may narrow, widen or pin parameters, and is validated against the strategy before any trial
-runs, so a typo never costs a study. The file format is::
+A space maps a name (a recipe knob, one of the method's hyperparameters, or ``width`` in a size
+search) to an Optuna distribution to sample, or to a constant to pin. The default space is the
+recipe's (``kdsearch.config.RECIPE_SPACE``) plus the method's own; a user's space file may narrow,
+widen or pin parameters, and is validated before any trial runs, so a typo never costs a study.
+The file format is::
 
     method: kd
     parameters:
       lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       temperature: {type: float, low: 1, high: 8}
       soft_target_weight: 0.25          # a constant: pinned, not searched
-      distance: {type: categorical, choices: [mse, smooth_l1]}
+      optimizer: {type: categorical, choices: [adam, adamw]}
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from kdsearch.errors import UserError
+from kdsearch.config import KNOBS, RECIPE_SPACE, RecipeConfig
+from kdsearch.errors import ConfigError, UserError
+from kdsearch.fsutil import read_structured_file
 
+if TYPE_CHECKING:
+    from kdsearch.losses import Strategy
 
-@dataclass(frozen=True)
-class FloatParam:
-    low: float
-    high: float
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class IntParam:
-    low: int
-    high: int
-    step: int = 1
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class CategoricalParam:
-    choices: tuple[Any, ...]
-
-
-Param = FloatParam | IntParam | CategoricalParam
-# A space entry is a distribution to sample or a constant to pin.
-Space = dict[str, Param | float | int | str | bool]
-
-
-def is_distribution(value: object) -> bool:
-    return isinstance(value, (FloatParam, IntParam, CategoricalParam))
+Space = dict[str, Any]  # name → a distribution, or a constant
+# The student's width multiplier, searched when the student's size is an objective.
+WIDTH_SPACE = FloatDistribution(0.25, 2.0, log=True)
+# Points per float parameter when --sampler grid must discretise a continuous range.
+GRID_POINTS = 4
+# A grid is enumerated up front; past this many points it would exhaust memory long before it ran.
+MAX_GRID_POINTS = 100_000
+MAX_CHOICES = 1000
 
 
 def space_to_dict(space: Space) -> dict[str, Any]:
-    """The YAML/JSON form of a space (inverse of ``parse_parameters``)."""
+    """The file form of a space (inverse of ``parse_parameters``)."""
     out: dict[str, Any] = {}
     for name, param in space.items():
-        if isinstance(param, FloatParam):
+        if isinstance(param, FloatDistribution):
             out[name] = {"type": "float", "low": param.low, "high": param.high, "log": param.log}
-        elif isinstance(param, IntParam):
+        elif isinstance(param, IntDistribution):
             out[name] = {"type": "int", "low": param.low, "high": param.high, "step": param.step, "log": param.log}
-        elif isinstance(param, CategoricalParam):
+        elif isinstance(param, CategoricalDistribution):
             out[name] = {"type": "categorical", "choices": list(param.choices)}
         else:
             out[name] = param
@@ -71,35 +56,39 @@ def space_to_dict(space: Space) -> dict[str, Any]:
 
 
 def _number(name: str, key: str, value: object, kind: type) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"search space: {name}.{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"search space: {name}.{key} must be a finite number, got {value!r}")
     if kind is int and not float(value).is_integer():
         raise UserError(f"search space: {name}.{key} must be an integer, got {value!r}")
     return int(value) if kind is int else float(value)
 
 
-def parse_param(name: str, spec: object) -> Param | float | int | str | bool:
-    """One entry of the file format → a parameter or a constant; malformed entries are user errors."""
+KEYS = {
+    "float": {"type", "low", "high", "log"},
+    "int": {"type", "low", "high", "step", "log"},
+    "categorical": {"type", "choices"},
+}
+
+
+def parse_param(name: str, spec: object) -> Any:
+    """One entry of the file format → a distribution or a constant; malformed entries are user errors."""
     if not isinstance(spec, dict):
         if isinstance(spec, (int, float, str, bool)):
             return spec
         raise UserError(f"search space: {name} must be a mapping or a constant, got {spec!r}")
     kind = spec.get("type")
-    known = {
-        "float": {"type", "low", "high", "log"},
-        "int": {"type", "low", "high", "step", "log"},
-        "categorical": {"type", "choices"},
-    }
-    if kind not in known:
+    if kind not in KEYS:
         raise UserError(f"search space: {name}.type must be float, int or categorical, got {kind!r}")
-    extra = set(spec) - known[kind]
+    extra = set(spec) - KEYS[kind]
     if extra:
         raise UserError(f"search space: {name} has unknown keys {sorted(extra)} for type {kind}")
     if kind == "categorical":
         choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise UserError(f"search space: {name}.choices must be a non-empty list")
-        return CategoricalParam(tuple(choices))
+        if not isinstance(choices, list) or not choices or len(choices) > MAX_CHOICES:
+            raise UserError(f"search space: {name}.choices must be a list of 1 to {MAX_CHOICES} values")
+        if not all(c is None or isinstance(c, (int, float, str, bool)) for c in choices):
+            raise UserError(f"search space: {name}.choices must hold numbers, strings or booleans")
+        return CategoricalDistribution(tuple(choices))
     number_type = float if kind == "float" else int
     if "low" not in spec or "high" not in spec:
         raise UserError(f"search space: {name} needs low and high")
@@ -113,11 +102,13 @@ def parse_param(name: str, spec: object) -> Param | float | int | str | bool:
     if log and low <= 0:
         raise UserError(f"search space: {name} is log-scaled, so low must be positive, got {low}")
     if kind == "float":
-        return FloatParam(float(low), float(high), log)
+        return FloatDistribution(float(low), float(high), log=log)
     step = _number(name, "step", spec.get("step", 1), int)
     if step < 1 or (log and step != 1):
         raise UserError(f"search space: {name}.step must be a positive integer (and 1 when log-scaled)")
-    return IntParam(int(low), int(high), int(step), log)
+    if (high - low) % step:
+        raise UserError(f"search space: {name}: high - low ({high - low}) must be a multiple of step {step}")
+    return IntDistribution(int(low), int(high), log=log, step=int(step))
 
 
 def parse_parameters(data: object) -> Space:
@@ -126,26 +117,8 @@ def parse_parameters(data: object) -> Space:
     return {str(name): parse_param(str(name), spec) for name, spec in data.items()}
 
 
-def read_structured_file(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    """Read a YAML or JSON mapping; anything unreadable is one user error naming the file."""
-    target = Path(path)
-    if not target.is_file():
-        raise UserError(f"{what} {target} does not exist")
-    try:
-        text = target.read_text()
-        data = json.loads(text) if target.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{what} {target} is not valid {'JSON' if target.suffix == '.json' else 'YAML'}: {first}"
-        ) from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {target} must hold a mapping at the top level")
-    return data
-
-
 def load_space_file(path: str | os.PathLike[str], method: str) -> Space:
-    """Read a space file; a ``method`` key, if present, must name the strategy being searched."""
+    """Read a space file; a ``method`` key, if present, must name the method being searched."""
     data = read_structured_file(path, "search-space file")
     unknown = set(data) - {"method", "parameters"}
     if unknown:
@@ -168,12 +141,136 @@ def parse_value(raw: str) -> float | int | str | bool:
     return text
 
 
-def parse_fixes(fixes: tuple[str, ...] | list[str]) -> dict[str, float | int | str | bool]:
-    """``NAME=VALUE`` pairs → constants (so 3, 0.5, 1e-7, true and mse all work)."""
-    out: dict[str, float | int | str | bool] = {}
-    for item in fixes:
+def parse_assignments(items: tuple[str, ...] | list[str], option: str) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs (``--fix``, ``--hp``) → values (so 3, 0.5, 1e-7, true and mse all work)."""
+    out: dict[str, Any] = {}
+    for item in items:
         name, sep, raw = item.partition("=")
         if not sep or not name.strip() or not raw.strip():
-            raise UserError(f"--fix expects NAME=VALUE, got {item!r}")
+            raise UserError(f"{option} expects NAME=VALUE, got {item!r}")
         out[name.strip()] = parse_value(raw)
     return out
+
+
+def default_space(strategy: Strategy) -> Space:
+    """What every study of ``strategy`` searches unless told otherwise: the recipe's knobs and the method's own."""
+    return {**RECIPE_SPACE, **strategy.space}
+
+
+def _corners(param: Any) -> list[Any]:
+    if isinstance(param, (FloatDistribution, IntDistribution)):
+        return [param.low, param.high]
+    if isinstance(param, CategoricalDistribution):
+        return list(param.choices)
+    return [param]
+
+
+def check_value(strategy: Strategy, name: str, value: Any) -> None:
+    """A value ``name`` could take in a run of ``strategy``; a user error (naming it) otherwise."""
+    try:
+        if name in KNOBS:
+            KNOBS[name].validate(name, value)
+        else:
+            strategy.hyperparameters({name: value})
+    except ConfigError as exc:
+        raise UserError(f"search space: {exc.name} {exc.problem}") from None
+    except UserError as exc:
+        raise UserError(f"search space: {exc}") from None
+
+
+def check_layer(strategy: Strategy, layer: Space, searchable: Space) -> None:
+    """Validate a user's space layer: known names, matching types, every corner value usable."""
+    for name, param in layer.items():
+        if name not in searchable and name not in strategy.params:
+            known = ", ".join(sorted(set(searchable) | set(strategy.params)))
+            raise UserError(f"search space: method {strategy.name} has no parameter {name!r}; known: {known}")
+        default = searchable.get(name)
+        if isinstance(param, BaseDistribution) and isinstance(default, BaseDistribution):
+            if type(param) is not type(default):
+                kind = type(default).__name__.removesuffix("Distribution").lower()
+                raise UserError(f"search space: {name} must be of type {kind} for method {strategy.name}")
+        for value in _corners(param):
+            check_value(strategy, name, value)
+
+
+def build_space(
+    strategy: Strategy, space_file: str | None, fixes: dict[str, Any], *, search_width: bool = False
+) -> Space:
+    """The default space, overlaid by the user's file, then ``--fix`` pins; all validated.
+
+    With ``search_width`` (a size objective) the student's width multiplier joins the space.
+    """
+    space = default_space(strategy) | ({"width": WIDTH_SPACE} if search_width else {})
+    searchable = dict(space)
+    layers = [load_space_file(space_file, strategy.name)] if space_file is not None else []
+    layers.append(dict(fixes))
+    for layer in layers:
+        if "width" in layer and not search_width:
+            raise UserError("width is searched only with a size objective: --objectives accuracy,params")
+        check_layer(strategy, layer, searchable)
+        space.update(layer)
+    return space
+
+
+def holds(param: Any, value: Any) -> bool:
+    """Whether a distribution can produce ``value``."""
+    if isinstance(param, (FloatDistribution, IntDistribution)):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and param.low <= value <= param.high
+    if isinstance(param, CategoricalDistribution):
+        return value in param.choices
+    return False
+
+
+def baseline_params(strategy: Strategy, space: Space) -> dict[str, Any]:
+    """The tutorial's hand-set values of the searched parameters, where the space can hold them.
+
+    Enqueued as a new study's first trial, they make the hand-set config one of the candidates, so
+    the best trial is never worse on validation than the tutorial, and a size search (width 1 is the
+    tutorial's LightNN) shows the tutorial's student on its front. Parameters whose value the
+    user's space excludes are left to the sampler.
+    """
+    recipe = RecipeConfig()
+    values = {name: getattr(recipe, name) for name in RECIPE_SPACE} | strategy.tutorial() | {"width": 1.0}
+    return {name: values[name] for name, param in space.items() if name in values and holds(param, values[name])}
+
+
+def grid_of(space: Space) -> dict[str, list[Any]]:
+    """Every searched parameter's grid points; a grid too large to enumerate is a user error."""
+    grid: dict[str, list[Any]] = {}
+    for name, param in space.items():
+        if isinstance(param, FloatDistribution):
+            lo, hi = (math.log(param.low), math.log(param.high)) if param.log else (param.low, param.high)
+            points = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+            grid[name] = sorted({math.exp(p) if param.log else p for p in points})
+        elif isinstance(param, IntDistribution):
+            if (param.high - param.low) // param.step + 1 > MAX_GRID_POINTS:
+                raise UserError(f"--sampler grid: {name} has more than {MAX_GRID_POINTS:,} values; narrow it")
+            grid[name] = list(range(param.low, param.high + 1, param.step))
+        elif isinstance(param, CategoricalDistribution):
+            grid[name] = list(param.choices)
+    size = math.prod(len(points) for points in grid.values())
+    if size > MAX_GRID_POINTS:
+        raise UserError(
+            f"--sampler grid: the grid has {size:,} points, more than {MAX_GRID_POINTS:,}; narrow the space"
+        )
+    return grid
+
+
+def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
+    """Sample every distribution of ``space``; constants pass through (recorded as trial attributes)."""
+    values: dict[str, Any] = {}
+    for name, param in space.items():
+        if isinstance(param, FloatDistribution):
+            values[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+        elif isinstance(param, IntDistribution):
+            values[name] = trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+        elif isinstance(param, CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, list(param.choices))
+        else:
+            values[name] = param
+    return values
+
+
+def pinned(space: Space) -> dict[str, Any]:
+    """The constants of a space: values a study's runs fix rather than search."""
+    return {name: value for name, value in space.items() if not isinstance(value, BaseDistribution)}

@@ -1,77 +1,61 @@
-"""The teacher: train it once per dataset, load it safely, and cache its outputs once per study.
+"""The teacher: train it (``kdsearch teacher``), name the default one, and load one safely.
 
-Every trial of a study distils from the same frozen teacher on the same images, so its logits and
-tapped features are computed once per (teacher checkpoint content, dataset, train rows, layer,
-normalisation, view), written atomically under ``<home>/cache/teacher/`` behind a file lock, and
-indexed by row in the loop. A cache whose key or shapes do not match is rebuilt. Augmentation is a
-fixed set of views (``flip``: the image and its mirror), so the teacher's outputs are cached once
-per view too and never computed live.
+A search distils from one frozen teacher per dataset; its outputs are cached once
+(``kdsearch.teacher_outputs``). The teacher trains through the same loop and recipe as students.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from kdsearch import __version__
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
-from kdsearch.data import TensorSplits
+from kdsearch.config import DataConfig, RecipeConfig
+from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
-from kdsearch.fsutil import atomic_write, file_sha256
-from kdsearch.loop import TeacherOutputs, compute_teacher_outputs, evaluate, fit, prepare_module
-from kdsearch.models import build_model, count_parameters
-from kdsearch.strategies import get_strategy
+from kdsearch.fsutil import file_sha256
+from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
+from kdsearch.losses import CrossEntropy, WeightedSum
+from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
+from kdsearch.paths import cache_dir, home_dir
 
-CACHE_FORMAT = "kdsearch-teacher-outputs/1"
+TUTORIAL_TEACHER = "deepnn"
 
 
 @dataclass(frozen=True)
-class TeacherRecipe:
-    """How the tutorial trains its teacher: 10 epochs of Adam at 1e-3, batch 128, seed 42."""
+class TeacherConfig:
+    """What `kdsearch teacher` trains: a model on some data with a recipe (the tutorial's by default)."""
 
-    model: str = "deepnn"
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 128
-    seed: int = 42
-
-    def is_tutorial(self) -> bool:
-        return self == TeacherRecipe(model=self.model)
-
-
-def home_dir() -> Path:
-    """Where studies, artifacts, teachers and caches live (``KDSEARCH_HOME``, default ``studies``)."""
-    return Path(os.environ.get("KDSEARCH_HOME", "studies"))
-
-
-def cache_dir() -> Path:
-    return home_dir() / "cache"
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(val_size=0))
+    model: str = TUTORIAL_TEACHER
+    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
+    device: str = "auto"
 
 
 def default_teacher_path(
-    splits: TensorSplits, recipe: TeacherRecipe, val_size: int = 0, limit_train: int | None = None
+    splits: TensorSplits, model: str, recipe: RecipeConfig, val_size: int = 0, limit_train: int | None = None
 ) -> Path:
-    """One teacher per dataset content, recipe and held-out validation size, reused by every study.
+    """One teacher per dataset content, model, recipe and held-out validation size, reused by every study.
 
     ``val_size`` is part of the name because a search must not validate on images its teacher was
     trained on (the teacher's outputs would carry their labels): a search with ``--val-size V``
     gets a teacher trained without those V rows, a re-train on the whole split (V = 0) another.
     A teacher trained on a ``limit_train`` subset is named for it, so it never stands in for a full one.
     """
-    name = f"{recipe.model.replace(':', '_').replace('.', '_')}-{splits.dataset}-{splits.fingerprint}"
-    if not recipe.is_tutorial():
-        digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:8]
-        name += f"-{digest}"
+    name = f"{model.replace(':', '_').replace('.', '_')}-{splits.dataset}-{splits.fingerprint}"
+    if recipe != RecipeConfig():
+        name += "-" + hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()).hexdigest()[:8]
     if val_size:
         name += f"-val{val_size}"
     if limit_train is not None:
@@ -81,7 +65,8 @@ def default_teacher_path(
 
 def train_teacher(
     splits: TensorSplits,
-    recipe: TeacherRecipe,
+    model_name: str,
+    recipe: RecipeConfig,
     device: torch.device,
     out: Path,
     *,
@@ -91,26 +76,15 @@ def train_teacher(
     """Train a teacher with cross-entropy through the shared loop; save weights + metadata atomically."""
     torch.manual_seed(recipe.seed)
     model = build_model(
-        recipe.model, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
+        model_name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
     )
     model = prepare_module(model, device)
-    loss_fn = get_strategy("ce").build_loss({"lr": recipe.lr}, None, None)
-    reports = fit(
-        model,
-        loss_fn,
-        splits.train,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        seed=recipe.seed,
-        device=device,
-        val=splits.val,
-        progress=progress,
-    )
+    loss_fn = WeightedSum([(1.0, CrossEntropy(recipe.label_smoothing))])
+    reports = fit(model, loss_fn, splits.train, recipe, device=device, val=splits.val, progress=progress)
     test_accuracy = evaluate(model, splits.test, device)
     result = {
         "kind": "teacher",
-        "model": recipe.model,
+        "model": model_name,
         "dataset": splits.dataset,
         "data_fingerprint": splits.fingerprint,
         "classes": splits.classes,
@@ -119,7 +93,7 @@ def train_teacher(
         "image_size": list(splits.image_size),
         "mean": list(splits.mean),
         "std": list(splits.std),
-        "recipe": {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": recipe.seed},
+        "recipe": dataclasses.asdict(recipe),
         "data": data_settings or {},
         "train_images": len(splits.train),
         "test_accuracy": test_accuracy,
@@ -132,6 +106,45 @@ def train_teacher(
     }
     save_checkpoint(out, model, result)
     return result
+
+
+def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = False) -> dict[str, Any]:
+    """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
+    resolve_model_class(config.model)
+    device = resolve_device(config.device)
+    data = config.data
+    splits = load_splits(
+        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
+    )
+    path = (
+        Path(out) if out else default_teacher_path(splits, config.model, config.recipe, data.val_size, data.limit_train)
+    )
+    settings = {"val_size": data.val_size, "limit_train": data.limit_train, "data_dir": data.data_dir}
+    result = train_teacher(
+        splits.to(device), config.model, config.recipe, device, path, progress=progress, data_settings=settings
+    )
+    return result | {"checkpoint": str(path)}
+
+
+def model_name_for(checkpoint_meta: dict[str, Any], given: str | None, source: str, fallback: str | None) -> str:
+    """The architecture to build for a checkpoint: the user's name, else a built-in one it records.
+
+    A checkpoint never names code to run: a ``package.module:Class`` recorded in its metadata is
+    not imported; the user must name it (``--teacher-model``/``--model``) to run it.
+    """
+    if given is not None:
+        return given
+    recorded = checkpoint_meta.get("model")
+    if recorded is None:
+        if fallback is None:
+            raise UserError(f"checkpoint {source} names no model; pass --model deepnn|lightnn|pkg.mod:Class")
+        return fallback
+    if not isinstance(recorded, str) or recorded not in REGISTERED:
+        raise UserError(
+            f"checkpoint {source} was saved from model {str(recorded)[:80]!r}, which is not built in; a checkpoint "
+            "never chooses code to run: name the model yourself (--model / --teacher-model)"
+        )
+    return recorded
 
 
 @dataclass
@@ -147,8 +160,8 @@ def load_teacher(
 ) -> LoadedTeacher:
     """Load a kdsearch teacher checkpoint or a tutorial-style state_dict, checked against the data."""
     checkpoint = load_checkpoint(path)
-    name = model_name or checkpoint.metadata.get("model", "deepnn")
     meta = checkpoint.metadata
+    name = model_name_for(meta, model_name, str(path), fallback=TUTORIAL_TEACHER)
     if meta.get("num_classes") not in (None, splits.num_classes):
         raise UserError(
             f"teacher {path} was trained for {meta['num_classes']} classes; this dataset has {splits.num_classes}"
@@ -162,79 +175,28 @@ def load_teacher(
     return LoadedTeacher(prepare_module(model, device), Path(path), file_sha256(path), meta)
 
 
-VIEWS = ("identity", "mirrored")
+def ensure_default_teacher(
+    data: DataConfig,
+    model: str | None,
+    splits: TensorSplits,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """The dataset's default teacher for runs with ``data``'s validation split, trained once if missing.
 
-
-def teacher_outputs_key(teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, view: str = "identity") -> str:
-    """Everything the cached outputs depend on; any change gives a new key and a fresh cache."""
-    parts = {
-        "format": CACHE_FORMAT,
-        "teacher_sha256": teacher.checksum,
-        "teacher_model": type(teacher.model).__module__ + "." + type(teacher.model).__qualname__,
-        "dataset": splits.dataset,
-        "data_fingerprint": splits.fingerprint,
-        "train_rows": splits.train_index_digest(),
-        "mean": list(splits.mean),
-        "std": list(splits.std),
-        "layer": layer,
-        "view": view,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _read_cache(path: Path, key: str, rows: int, layer: str | None) -> TeacherOutputs | None:
-    try:
-        # Memory-mapped: worker processes on one machine share the pages instead of each holding a copy.
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if blob.get("format") != CACHE_FORMAT or blob.get("key") != key:
-            return None
-        logits, features = blob["logits"], blob.get("features")
-        if logits.shape[0] != rows or (layer is not None and (features is None or features.shape[0] != rows)):
-            return None
-        return TeacherOutputs(logits, features, layer)
-    except Exception:  # noqa: BLE001 - truncated or corrupt: rebuild rather than trust it
-        return None
-
-
-@dataclass
-class CachedOutputs:
-    outputs: TeacherOutputs
-    seconds: float  # spent computing or loading
-    built: bool  # True when this call ran the teacher (no usable cache existed)
-
-
-def teacher_outputs(
-    teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device, *, mirrored: bool = False
-) -> CachedOutputs:
-    """Teacher outputs for ``splits.train`` (on ``device``), from the cache or computed once and cached.
-
-    With ``mirrored`` the outputs for the flipped images come along (``.mirrored``), for runs with
-    flip augmentation. A file lock makes concurrent builders (worker processes) wait for the first
-    one's cache rather than compute it again; the cache is written atomically, so a crash never
-    leaves a partial file.
+    It holds out the same ``val_size`` validation rows as the run (the split is one seeded
+    permutation), so a search never validates on images whose labels its teacher learnt. It trains
+    on every other train row, whatever ``limit_train`` says, so one teacher serves all.
     """
-    start = time.perf_counter()
-    outputs, built = _view_outputs(teacher, splits, layer, device, "identity")
-    if mirrored:
-        outputs.mirrored, built_mirror = _view_outputs(teacher, splits, layer, device, "mirrored")
-        built = built or built_mirror
-    return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)
-
-
-def _view_outputs(
-    teacher: LoadedTeacher, splits: TensorSplits, layer: str | None, device: torch.device, view: str
-) -> tuple[TeacherOutputs, bool]:
-    key = teacher_outputs_key(teacher, splits, layer, view)
-    path = cache_dir() / "teacher" / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = len(splits.train)
-    with FileLock(str(path) + ".lock"):
-        outputs = _read_cache(path, key, rows, layer) if path.exists() else None
-        if outputs is not None:
-            return outputs, False
-        outputs = compute_teacher_outputs(
-            teacher.model, splits.train.images, layer, device, mirrored=view == "mirrored"
-        )
-        blob = {"format": CACHE_FORMAT, "key": key, "logits": outputs.logits, "features": outputs.features}
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
-        return outputs, True
+    name = model or TUTORIAL_TEACHER
+    recipe = RecipeConfig()
+    path = default_teacher_path(splits, name, recipe, data.val_size)
+    if not path.exists():
+        if log is not None:
+            log(f"no teacher for this dataset and validation split yet: training one ({recipe.epochs} epochs): {path}")
+        held_out = load_splits(data.dataset, data.data_dir, val_size=data.val_size, cache_dir=cache_dir())
+        settings = {"val_size": data.val_size, "limit_train": None}
+        train_teacher(held_out.to(device), name, recipe, device, path, progress=progress, data_settings=settings)
+    return path

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from kdsearch.cli import main
-from kdsearch.distill import RunConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg"
 CLASSES = [f"class{i}" for i in range(10)]
@@ -75,39 +71,11 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def pattern_teacher(pattern_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DeepNN teacher trained for 3 epochs on the pattern folder, saved as a kdsearch checkpoint."""
+    from kdsearch.config import RecipeConfig
     from kdsearch.data import load_splits
-    from kdsearch.teacher import TeacherRecipe, train_teacher
+    from kdsearch.teacher import train_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     splits = load_splits("imagefolder", pattern_folder, val_size=0)
-    train_teacher(splits, TeacherRecipe(epochs=3), torch.device("cpu"), out)
+    train_teacher(splits, "deepnn", RecipeConfig(epochs=3), torch.device("cpu"), out)
     return out
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``kdsearch ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def files_under(path: Path) -> set[Path]:
-    return {p for p in path.rglob("*") if p.is_file()} if path.exists() else set()
-
-
-def pattern_config(folder: Path, teacher: Path | None = None, **overrides: Any) -> RunConfig:
-    """A run on the generated pattern folder: 50 validation images, CPU, one epoch of batch 64."""
-    settings: dict[str, Any] = {
-        "dataset": "imagefolder",
-        "data_dir": str(folder),
-        "val_size": 50,
-        "epochs": 1,
-        "batch_size": 64,
-        "device": "cpu",
-        "teacher": str(teacher) if teacher is not None else None,
-    }
-    return RunConfig(**(settings | overrides))

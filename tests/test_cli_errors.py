@@ -9,7 +9,7 @@ import torch
 
 from kdsearch.checkpoints import save_checkpoint
 from kdsearch.models import DeepNN, LightNN
-from tests.conftest import files_under, run_cli
+from tests.helpers import files_under, run_cli
 
 
 @pytest.fixture()
@@ -50,19 +50,20 @@ CASES = {
     "invalid config yaml": (["train", "--config", "{tmp}/bad.yaml"], "not valid YAML"),
     "unknown config key": (["train", "--config", "{tmp}/unknown-key.yaml"], "unknown keys ['learning_rate']"),
     "missing config": (["train", "--config", "{tmp}/none.yaml"], "does not exist"),
-    "zero epochs": ([*TRAIN, "--epochs", "0"], "epochs must be a positive integer"),
-    "negative val size": ([*TRAIN, "--val-size", "-1"], "val-size must be"),
-    "bad hyperparameter value": ([*TRAIN, "--hp", "temperature=-1"], "temperature must be positive"),
+    "zero epochs": ([*TRAIN, "--epochs", "0"], "'--epochs': 0 is not in the range"),
+    "negative val size": ([*TRAIN, "--val-size", "-1"], "'--val-size': -1 is not in the range"),
+    "bad hyperparameter value": ([*TRAIN, "--hp", "temperature=-1"], "kd: temperature must be above 0, got -1"),
+    "bad recipe value through --hp": ([*TRAIN, "--hp", "lr_schedule=step"], "--lr-schedule must be one of"),
     "unknown hyperparameter": ([*TRAIN, "--hp", "momentum=0.9"], "no hyperparameter 'momentum'"),
     "malformed --hp": ([*TRAIN, "--hp", "temperature"], "--hp expects NAME=VALUE"),
-    "teacher zero epochs": (["teacher", *DATA, "--epochs", "0", "--out", "{tmp}/t.pt"], "--epochs must be positive"),
+    "teacher zero epochs": (["teacher", *DATA, "--epochs", "0", "--out", "{tmp}/t.pt"], "'--epochs': 0 is not"),
     "evaluate missing checkpoint": (["evaluate", "--checkpoint", "{tmp}/none.pt", *DATA], "does not exist"),
     "evaluate wrong architecture": (
         ["evaluate", "--checkpoint", "{tmp}/light.pt", "--model", "deepnn", *DATA],
         "does not fit model deepnn",
     ),
     "evaluate without model name": (["evaluate", "--checkpoint", "{tmp}/light.pt", *DATA], "pass --model"),
-    "zero trials": ([*OPT, "--method", "kd", "--trials", "0"], "--trials must be positive"),
+    "zero trials": ([*OPT, "--method", "kd", "--trials", "0"], "'--trials': 0 is not in the range"),
     "unknown sampler": ([*OPT, "--method", "kd", "--sampler", "bayes"], "bayes"),
     "unknown pruner": ([*OPT, "--method", "kd", "--pruner", "asha"], "asha"),
     "malformed storage url": ([*OPT, "--method", "kd", "--storage", "not a url"], "malformed storage URL"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import textwrap
 from pathlib import Path
@@ -10,9 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from kdsearch.data import load_splits
 from kdsearch.errors import UserError
+from kdsearch.loop import prepare_module
 from kdsearch.models import DeepNN, LightNN, build_model, count_parameters
 from kdsearch.taps import FeatureTap
+
+CPU = torch.device("cpu")
 
 # The keys `torch.save(model.state_dict())` writes in the tutorial's own code.
 TUTORIAL_DEEP_KEYS = [
@@ -94,10 +99,63 @@ def test_user_model_by_import_path_with_hooks(tmp_path: Path, monkeypatch: pytes
         build_model("mynets:Tiny", num_classes=5, in_channels=3, image_size=(32, 32), width=0.5)
 
 
-@pytest.mark.parametrize("name", ["resnet", "nosuchmodule:Net", "torch.nn:NoSuchClass"])
-def test_unknown_models_are_user_errors(name: str) -> None:
-    with pytest.raises(UserError):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet", "unknown model 'resnet'"),
+        ("nosuchmodule:Net", "cannot import model module 'nosuchmodule'"),
+        ("torch.nn:NoSuchClass", "has no class 'NoSuchClass'"),
+    ],
+)
+def test_unknown_models_are_user_errors(name: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
         build_model(name, num_classes=10, in_channels=3, image_size=(32, 32))
+
+
+def _tutorial_order(model: nn.Module) -> nn.Module:
+    """The same weights in the tutorial's written order: every MaxPool2d→ReLU pair as ReLU→MaxPool2d."""
+    layers = list(model.features)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    twin = copy.deepcopy(model)
+    twin.features = nn.Sequential(*copy.deepcopy(layers))
+    return twin
+
+
+def test_pooling_before_relu_trains_bit_for_bit_like_the_tutorials_order(cifar_slice: Path) -> None:
+    """Same state_dict keys, logits, gradients and weights after Adam steps on real CIFAR-10 images."""
+    train = load_splits("imagefolder", cifar_slice, val_size=0).train.to(CPU)
+    for build in (LightNN, DeepNN):
+        torch.manual_seed(0)
+        ours = prepare_module(build(), CPU)
+        tutorial = _tutorial_order(ours)
+        assert [type(m) for m in tutorial.features] != [type(m) for m in ours.features]
+        assert list(tutorial.state_dict()) == list(ours.state_dict())
+        optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (tutorial, ours)]
+        for begin in range(0, 400, 100):
+            images, labels = train.images[begin : begin + 100], train.labels[begin : begin + 100]
+            torch.manual_seed(begin)  # the same dropout masks in both models
+            tutorial_logits = tutorial(images)
+            torch.manual_seed(begin)
+            our_logits = ours(images)
+            assert torch.equal(tutorial_logits, our_logits)
+            for logits, optimizer in zip((tutorial_logits, our_logits), optimizers, strict=True):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(logits, labels).backward()
+            for (name, p), q in zip(tutorial.named_parameters(), ours.parameters(), strict=True):
+                assert torch.equal(p.grad, q.grad), name
+            for optimizer in optimizers:
+                optimizer.step()
+        for p, q in zip(tutorial.parameters(), ours.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+def test_user_models_run_as_written() -> None:
+    """Nothing rewrites a user's module: its Sequential keeps its own forward, in its order."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    prepared = prepare_module(model, CPU)
+    assert "forward" not in vars(prepared) and [type(m) for m in prepared] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d]
 
 
 def test_feature_tap_sees_the_tutorial_feature_maps() -> None:

@@ -18,7 +18,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from kdsearch.fsutil import atomic_write
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.stalling_model import MODEL as STALLING_MODEL
 from tests.stalling_model import STALL_VARIABLE
 
@@ -224,7 +224,7 @@ def test_killed_worker_on_postgres_is_failed_and_retried(
 def test_passwords_never_reach_output_or_exports(
     pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kdsearch.search import redact
+    from kdsearch.storage import redact
 
     assert redact("postgresql+psycopg2://kd:hunter2@db.example/kd") == "postgresql+psycopg2://kd:***@db.example/kd"
     if not postgres_available():
@@ -287,12 +287,12 @@ def test_a_crash_while_writing_leaves_no_partial_file(tmp_path: Path) -> None:
 def _build_cache(home: str, folder: str, teacher: str, queue: multiprocessing.Queue) -> None:
     os.environ["KDSEARCH_HOME"] = home
     from kdsearch.data import load_splits
-    from kdsearch.teacher import load_teacher, teacher_outputs
+    from kdsearch.teacher import load_teacher
+    from kdsearch.teacher_outputs import cached_teacher_outputs
 
     splits = load_splits("imagefolder", folder, val_size=50)
-    cached = teacher_outputs(
-        load_teacher(teacher, None, splits, torch.device("cpu")), splits, "features", torch.device("cpu")
-    )
+    loaded = load_teacher(teacher, None, splits, torch.device("cpu"))
+    cached = cached_teacher_outputs(loaded.model, loaded.checksum, splits, "features", torch.device("cpu"))
     queue.put((cached.built, float(cached.outputs.logits.sum())))
 
 

@@ -13,7 +13,7 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from kdsearch.checkpoints import load_checkpoint
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def optimize(folder: Path, teacher: Path, *extra: str) -> list[str]:
@@ -75,7 +75,7 @@ def test_multi_objective_study_and_pareto_export(
     assert len(configs) == len(front) >= 1
     for config in configs:
         trial = next(t for t in front if t.number == config["source"]["trial"])
-        assert config["width"] == trial.params["width"]
+        assert config["models"]["width"] == trial.params["width"]
         checkpoint = load_checkpoint(ckpt_dir / f"trial-{trial.number}.pt")
         assert checkpoint.metadata["width"] == trial.params["width"]
         assert checkpoint.metadata["params"] == trial.values[1]

@@ -13,14 +13,16 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
 
 from kdsearch.checkpoints import load_checkpoint
+from kdsearch.config import KNOBS, RecipeConfig
 from kdsearch.distill import prepare
-from kdsearch.search import teacher_saw_validation
-from kdsearch.spaces import space_to_dict
-from kdsearch.strategies import STRATEGIES
-from tests.conftest import pattern_config, run_cli
+from kdsearch.spaces import default_space, space_to_dict
+from kdsearch.strategies import METHODS, get_strategy
+from kdsearch.study import teacher_saw_validation
+from tests.helpers import pattern_config, run_cli
 
 DATA = ["--dataset", "imagefolder", "--val-size", "50"]
 
@@ -46,7 +48,7 @@ def load(home: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'kdsearch.db'}")
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "cosine", "regressor"])
+@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "cosine", "regressor"])
 def test_each_strategy_runs_a_study(
     method: str, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -61,22 +63,24 @@ def test_each_strategy_runs_a_study(
     assert len(trials) == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     best = study.best_trial
-    assert summary["best_value"] == best.value and 0 <= best.value <= 100
-    assert set(best.params) == {k for k, v in STRATEGIES[method].space.items()}
+    strategy = get_strategy(method)
+    space = default_space(strategy)
+    assert summary["best_value"] == best.value == max(t.value for t in trials if t.state == TrialState.COMPLETE)
+    assert set(best.params) == set(space) and {"optimizer", "weight_decay", "label_smoothing"} <= set(space)
     assert len(best.user_attrs["epoch_val_accuracy"]) == 2 and len(best.user_attrs["epoch_seconds"]) == 2
     assert best.user_attrs["params"] == 267_738 and best.user_attrs["seed"] == 42
     attrs = study.user_attrs
     assert attrs["method"] == method and attrs["epochs"] == 2 and attrs["dataset"] == "imagefolder"
-    assert attrs["search_space"] == space_to_dict(STRATEGIES[method].space)
+    assert attrs["search_space"] == {name: distribution_to_json(d) for name, d in space.items()}
     assert attrs["kdsearch_version"]
     assert (attrs["teacher_sha256"] is None) == (method == "ce")
     # The default space may draw flip augmentation: the teacher's outputs are cached for both views.
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == (0 if method == "ce" else 2)
     assert best.intermediate_values.keys() == {1, 2}
     # A new study starts from the tutorial's hand-set config, so the search never ends below it on val.
-    tutorial = STRATEGIES[method].hyperparameters()
+    tutorial = strategy.tutorial() | {name: getattr(RecipeConfig(), name) for name in space if name in KNOBS}
     assert trials[0].user_attrs["baseline"] == "tutorial" and trials[0].params["lr"] == 1e-3
-    assert all(trials[0].params[k] == tutorial[k] for k in trials[0].params if k in tutorial)
+    assert trials[0].params == tutorial
     assert not any("baseline" in t.user_attrs for t in trials[1:])
 
 
@@ -105,7 +109,10 @@ def test_a_bad_trial_is_pruned_and_reruns_add_trials(
     # The baseline is the first trial of a new study only; the pinned lr kept it out of the baseline.
     assert [("baseline" in t.user_attrs) for t in trials] == [True, False, False]
     assert trials[0].params == {
+        "optimizer": "adam",
         "lr_schedule": "constant",
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
         "augment": "none",
         "temperature": 2.0,
         "soft_target_weight": 0.25,
@@ -121,18 +128,18 @@ def test_diverging_trials_are_pruned_with_the_reason(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from kdsearch import search
+    from kdsearch import objective
     from kdsearch.loop import DivergedError
 
-    real = search.train_student
+    real = objective.train_student
     calls = iter([True, False])
 
-    def sometimes_diverges(prepared, hp, **kwargs):
+    def sometimes_diverges(prepared, config, **kwargs):
         if next(calls):
             raise DivergedError(1, 3, float("nan"))
-        return real(prepared, hp, **kwargs)
+        return real(prepared, config, **kwargs)
 
-    monkeypatch.setattr(search, "train_student", sometimes_diverges)
+    monkeypatch.setattr(objective, "train_student", sometimes_diverges)
     code, _, err = run_cli(optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "2"), capsys)
     assert code == 0, err
     first, second = load(home, "kd-imagefolder").get_trials()
@@ -158,17 +165,17 @@ def test_best_student_artifact_export_and_retrain_round_trip(
     )
     assert code == 0, err
     config = yaml.safe_load(config_path.read_text())
-    assert config["method"] == "cosine" and config["val_size"] == 0 and config["epochs"] == 2
-    assert config["hyperparameters"] == best.params
+    assert config["loss"]["method"] == "cosine" and config["data"]["val_size"] == 0
+    assert config["recipe"]["epochs"] == 2 and config["recipe"]["seed"] == 42
+    exported = {**config["recipe"], **config["loss"]["params"]}
+    assert {name: exported[name] for name in best.params} == best.params
     assert config["source"]["trial"] == best.number and config["source"]["artifact_id"] == artifact_id
     assert config["source"]["val_accuracy"] == best.value
 
     # The artifact is the trial's student: its validation accuracy reproduces the trial's value.
     checkpoint = load_checkpoint(checkpoint_path)
-    assert (
-        checkpoint.metadata["trial"] == best.number
-        and checkpoint.metadata["hyperparameters"]["lr"] == best.params["lr"]
-    )
+    assert checkpoint.metadata["trial"] == best.number
+    assert checkpoint.metadata["config"]["recipe"]["lr"] == best.params["lr"]
     code, out, err = run_cli(
         ["evaluate", "--checkpoint", checkpoint_path, *DATA, "--data-dir", pattern_folder, "--json"], capsys
     )
@@ -178,9 +185,9 @@ def test_best_student_artifact_export_and_retrain_round_trip(
     code, out, err = run_cli(["train", "--config", config_path, "--json", "-q"], capsys)
     assert code == 0, err
     result = json.loads(out)
-    assert result["method"] == "cosine" and result["hyperparameters"]["lr"] == best.params["lr"]
+    assert result["method"] == "cosine" and result["config"]["recipe"]["lr"] == best.params["lr"]
     assert result["train_images"] == 300 and result["val_accuracy"] is None  # the whole train split
-    assert 0 <= result["test_accuracy"] <= 100 and len(result["epoch_seconds"]) == 2
+    assert result["test_accuracy"] > 20.0 and len(result["epoch_seconds"]) == 2  # chance is 10 %
 
     top = tmp_path / "top.json"
     assert run_cli(["export", "--study-name", "cosine-imagefolder", "--top", "2", "-o", top], capsys)[0] == 0
@@ -233,15 +240,16 @@ def test_user_space_file_and_fix(
         assert trial.params["kernel_size"] == 1 and trial.params["distance"] in ("smooth_l1", "cosine")
         assert "depth" not in trial.params and "feature_weight" not in trial.params  # pinned, not searched
     config = yaml.safe_load(run_cli(["export", "--study-name", "regressor-imagefolder"], capsys)[1])
-    assert config["hyperparameters"]["depth"] == 2 and config["hyperparameters"]["feature_weight"] == 0.5
+    assert config["loss"]["params"]["depth"] == 2 and config["loss"]["params"]["feature_weight"] == 0.5
 
 
 def test_presets_mirror_the_strategies_defaults() -> None:
     presets = Path(__file__).resolve().parents[1] / "studies" / "spaces"
-    for name, strategy in STRATEGIES.items():
+    assert sorted(p.stem for p in presets.glob("*.yaml")) == sorted(METHODS)
+    for name in METHODS:
         data = yaml.safe_load((presets / f"{name}.yaml").read_text())
         assert data["method"] == name
-        assert data["parameters"] == space_to_dict(strategy.space), name
+        assert data["parameters"] == space_to_dict(default_space(get_strategy(name))), name
 
 
 def test_dashboard_lists_the_study(

@@ -1,27 +1,25 @@
-"""The distillation strategies, by name. Each module holds its loss, helper modules, tutorial
-hyperparameters and default search space; see ``base.Strategy`` for the contract."""
+"""The distillation methods, one module each, found by file name.
+
+A method is a module ``kdsearch/strategies/<name>.py`` holding ``STRATEGY`` (a
+``kdsearch.losses.Strategy``): adding a method is adding its module, nothing else here. The names
+are read from the package folder without importing the modules, so ``--help`` never loads torch.
+"""
 
 from __future__ import annotations
 
-from kdsearch.errors import UserError
-from kdsearch.strategies.base import LossInputs, Strategy
-from kdsearch.strategies.ce import CrossEntropy
-from kdsearch.strategies.cosine import CosineFeatures
-from kdsearch.strategies.hybrid import Hybrid
-from kdsearch.strategies.kd import SoftTargets
-from kdsearch.strategies.regressor import FeatureRegressor
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (CrossEntropy(), SoftTargets(), CosineFeatures(), FeatureRegressor(), Hybrid())
-}
-METHODS = tuple(STRATEGIES)
+from kdsearch.errors import UserError
+
+if TYPE_CHECKING:
+    from kdsearch.losses import Strategy
+
+METHODS: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 
 def get_strategy(method: str) -> Strategy:
-    try:
-        return STRATEGIES[method]
-    except KeyError:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
-
-
-__all__ = ["METHODS", "STRATEGIES", "LossInputs", "Strategy", "get_strategy"]
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return importlib.import_module(f"{__name__}.{method}").STRATEGY

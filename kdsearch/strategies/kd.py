@@ -3,28 +3,22 @@
 loss = w · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − w) · CE(s, y)
 
 The T² factor keeps the soft-target gradients at the same scale as T changes (Hinton et al., 2015),
-as the tutorial does. One mixing weight ``soft_target_weight`` (w) is searched rather than two free
-weights: Adam's update is invariant to a common scale of the loss, so only the ratio of the two
-weights matters and a second weight would be a wasted search dimension. ``ce_weight`` may still be
-set explicitly (in a config, a space file or ``--fix``) to reproduce other recipes.
+as the tutorial does. One mixing weight ``soft_target_weight`` (w) is searched (see
+``kdsearch.losses`` for why one); ``ce_weight`` may still be set explicitly.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from optuna.distributions import FloatDistribution
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from kdsearch.errors import UserError
-from kdsearch.spaces import FloatParam
-from kdsearch.strategies.base import (
-    RECIPE_SPACE,
-    RECIPE_TUTORIAL,
-    DistillationLoss,
-    LossInputs,
-    Strategy,
-    cross_entropy,
+from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper
+
+TEMPERATURE = hyper(
+    2.0, "Softmax temperature T.", low=0.0, low_open=True, high=100.0, space=FloatDistribution(1.0, 8.0)
 )
 
 
@@ -36,36 +30,30 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     return kl * temperature**2
 
 
-class SoftTargetLoss(DistillationLoss):
-    def __init__(self, temperature: float, soft_target_weight: float, ce_weight: float) -> None:
+class SoftTargets(Term):
+    def __init__(self, temperature: float) -> None:
         super().__init__()
         self.temperature = temperature
-        self.soft_target_weight = soft_target_weight
-        self.ce_weight = ce_weight
 
     def forward(self, inputs: LossInputs) -> Tensor:
         assert inputs.teacher_logits is not None
-        soft = soft_target_loss(inputs.student_logits, inputs.teacher_logits, self.temperature)
-        return self.soft_target_weight * soft + self.ce_weight * cross_entropy(inputs)
+        return soft_target_loss(inputs.student_logits, inputs.teacher_logits, self.temperature)
 
 
-class SoftTargets(Strategy):
-    name = "kd"
-    summary = "soft targets: KL to the teacher's softened logits, scaled by T²"
-    uses_teacher_logits = True
-    tutorial = {**RECIPE_TUTORIAL, "temperature": 2.0, "soft_target_weight": 0.25}
-    optional = ("ce_weight",)
-    space = {
-        **RECIPE_SPACE,
-        "temperature": FloatParam(1.0, 8.0),
-        "soft_target_weight": FloatParam(0.0, 1.0),
-    }
+def _build(hp: dict[str, Any], shapes: LossShapes) -> Term:
+    return SoftTargets(float(hp["temperature"]))
 
-    def check(self, hp: dict[str, Any]) -> None:
-        super().check(hp)
-        if hp["temperature"] <= 0:
-            raise UserError(f"kd: temperature must be positive, got {hp['temperature']}")
 
-    def build_loss(self, hp: dict[str, Any], student_features: object, teacher_features: object) -> DistillationLoss:
-        weight = float(hp["soft_target_weight"])
-        return SoftTargetLoss(float(hp["temperature"]), weight, self.ce_weight(hp, "soft_target_weight"))
+SOFT_TARGETS = TermKind("soft_targets", _build, {"temperature": TEMPERATURE}, uses_teacher_logits=True)
+
+STRATEGY = Strategy(
+    "kd",
+    "soft targets: KL to the teacher's softened logits, scaled by T²",
+    terms={"soft_target_weight": SOFT_TARGETS},
+    weights={
+        "soft_target_weight": hyper(
+            0.25, "Weight w of the soft targets; CE gets 1 − w.", low=0.0, high=1.0, space=FloatDistribution(0.0, 1.0)
+        )
+    },
+    mixed=True,
+)

@@ -11,21 +11,14 @@ student and is dropped afterwards: it is not part of the exported student. Spati
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
-from kdsearch.spaces import CategoricalParam, FloatParam, IntParam
-from kdsearch.strategies.base import (
-    RECIPE_SPACE,
-    RECIPE_TUTORIAL,
-    DistillationLoss,
-    LossInputs,
-    Strategy,
-    cross_entropy,
-)
+from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper
 
 DISTANCES = ("mse", "smooth_l1", "cosine")
 KERNEL_SIZES = (1, 3, 5)
@@ -53,84 +46,85 @@ def feature_distance(predicted: Tensor, target: Tensor, distance: str) -> Tensor
     return (1.0 - F.cosine_similarity(predicted.flatten(1), target.flatten(1), dim=1)).mean()
 
 
-def check_regressor_hyperparameters(strategy: Strategy, hp: dict[str, Any]) -> None:
-    """The regressor's own parameters: shared by ``regressor`` and ``hybrid``."""
-    strategy.check_choice(hp, "distance", DISTANCES)
-    for name in ("kernel_size", "hidden_channels"):
-        value = hp[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{strategy.name}: {name} must be a positive integer, got {value!r}")
-    if hp["kernel_size"] % 2 == 0:
-        raise UserError(f"{strategy.name}: kernel_size must be odd to keep the map's size, got {hp['kernel_size']}")
-    if isinstance(hp["depth"], bool) or not isinstance(hp["depth"], int) or hp["depth"] < 1:
-        raise UserError(f"{strategy.name}: depth must be a positive integer, got {hp['depth']!r}")
+def check_maps(student: tuple[int, ...] | None, teacher: tuple[int, ...] | None) -> tuple[int, int]:
+    """Both layers must give (C, H, W) maps of one spatial size; returns the two channel counts."""
+    if student is None or teacher is None or len(student) != 3 or len(teacher) != 3:
+        raise UserError(
+            f"regressor needs feature maps (C, H, W) from both layers; got student {student} and teacher "
+            f"{teacher}: pick conv layers with --student-layer / --teacher-layer"
+        )
+    if student[1:] != teacher[1:]:
+        raise UserError(
+            f"regressor cannot match feature maps of different spatial size: student "
+            f"{student[1]}x{student[2]}, teacher {teacher[1]}x{teacher[2]}"
+        )
+    return student[0], teacher[0]
 
 
-class RegressorLoss(DistillationLoss):
-    def __init__(self, regressor: nn.Module, feature_weight: float, ce_weight: float, distance: str) -> None:
+class Regressor(Term):
+    reads_teacher_features: ClassVar[bool] = True
+
+    def __init__(self, regressor: nn.Module, distance: str) -> None:
         super().__init__()
         self.regressor = regressor
-        self.feature_weight = feature_weight
-        self.ce_weight = ce_weight
         self.distance = distance
 
     def forward(self, inputs: LossInputs) -> Tensor:
         assert inputs.student_features is not None and inputs.teacher_features is not None
-        predicted = self.regressor(inputs.student_features)
-        hidden = feature_distance(predicted, inputs.teacher_features, self.distance)
-        return self.feature_weight * hidden + self.ce_weight * cross_entropy(inputs)
+        return feature_distance(self.regressor(inputs.student_features), inputs.teacher_features, self.distance)
 
 
-class FeatureRegressor(Strategy):
-    name = "regressor"
-    summary = "trainable conv regressor from student to teacher feature map, matched by a distance"
-    uses_features = True
-    tutorial = {
-        **RECIPE_TUTORIAL,
-        "feature_weight": 0.25,
-        "kernel_size": 3,
-        "depth": 1,
-        "hidden_channels": 32,
-        "distance": "mse",
-    }
-    optional = ("ce_weight",)
-    space = {
-        **RECIPE_SPACE,
-        "feature_weight": FloatParam(0.0, 1.0),
-        "kernel_size": CategoricalParam(KERNEL_SIZES),
-        "depth": IntParam(1, 3),
-        "hidden_channels": CategoricalParam((16, 32, 64)),
-        "distance": CategoricalParam(DISTANCES),
-    }
+def _build(hp: dict[str, Any], shapes: LossShapes) -> Term:
+    student_channels, teacher_channels = check_maps(shapes.student_features, shapes.teacher_features)
+    regressor = build_regressor(
+        student_channels, teacher_channels, int(hp["kernel_size"]), int(hp["depth"]), int(hp["hidden_channels"])
+    )
+    return Regressor(regressor, str(hp["distance"]))
 
-    def check(self, hp: dict[str, Any]) -> None:
-        super().check(hp)
-        check_regressor_hyperparameters(self, hp)
 
-    def check_maps(self, student_features: tuple[int, ...], teacher_features: tuple[int, ...]) -> None:
-        """Both layers must give (C, H, W) maps of one spatial size for a conv regressor to match them."""
-        if len(student_features) != 3 or len(teacher_features) != 3:
-            raise UserError(
-                f"regressor needs feature maps (C, H, W) from both layers; got student {student_features} "
-                f"and teacher {teacher_features}: pick conv layers with --student-layer / --teacher-layer"
-            )
-        if student_features[1:] != teacher_features[1:]:
-            raise UserError(
-                f"regressor cannot match feature maps of different spatial size: student "
-                f"{student_features[1]}x{student_features[2]}, teacher {teacher_features[1]}x{teacher_features[2]}"
-            )
+def _odd(value: int) -> str | None:
+    return None if value % 2 else f"must be odd to keep the map's size, got {value}"
 
-    def build_loss(
-        self, hp: dict[str, Any], student_features: tuple[int, ...] | None, teacher_features: tuple[int, ...] | None
-    ) -> DistillationLoss:
-        assert student_features is not None and teacher_features is not None
-        self.check_maps(student_features, teacher_features)
-        regressor = build_regressor(
-            student_features[0],
-            teacher_features[0],
-            int(hp["kernel_size"]),
-            int(hp["depth"]),
-            int(hp["hidden_channels"]),
+
+REGRESSOR = TermKind(
+    "regressor",
+    _build,
+    {
+        "kernel_size": hyper(
+            3,
+            "Kernel size of the regressor's convs (odd).",
+            low=1,
+            high=15,
+            check=_odd,
+            space=CategoricalDistribution(KERNEL_SIZES),
+        ),
+        "depth": hyper(1, "Convs in the regressor.", low=1, high=8, space=IntDistribution(1, 3)),
+        "hidden_channels": hyper(
+            32,
+            "Channels of the inner convs (depth > 1).",
+            low=1,
+            high=1024,
+            space=CategoricalDistribution((16, 32, 64)),
+        ),
+        "distance": hyper(
+            "mse", "mse, smooth_l1 or cosine.", choices=DISTANCES, space=CategoricalDistribution(DISTANCES)
+        ),
+    },
+    uses_features=True,
+)
+
+STRATEGY = Strategy(
+    "regressor",
+    "trainable conv regressor from student to teacher feature map, matched by a distance",
+    terms={"feature_weight": REGRESSOR},
+    weights={
+        "feature_weight": hyper(
+            0.25,
+            "Weight w of the regressor term; CE gets 1 − w.",
+            low=0.0,
+            high=1.0,
+            space=FloatDistribution(0.0, 1.0),
         )
-        weight = float(hp["feature_weight"])
-        return RegressorLoss(regressor, weight, self.ce_weight(hp, "feature_weight"), hp["distance"])
+    },
+    mixed=True,
+)

@@ -1,0 +1,475 @@
+"""One run's settings, declared once: typed sections whose fields carry their own rules.
+
+A run is data + models + recipe + loss (+ the device it runs on). Every field is declared here,
+once, with its default, its help text, the values it may take and, for recipe knobs every method
+searches, its default search space. Everything else is derived from these declarations: the
+command-line options (``kdsearch.cli``), a study's identity and user attributes, exported configs
+and checkpoint metadata. Values are checked when a section is built (``__post_init__``), so a
+config that exists is a valid one; a wrong value raises ``ConfigError`` naming the field, and the
+caller says it in the user's terms (``--val-size`` on the command line, ``val_size`` in a file).
+
+This module imports neither torch nor the training code, so ``kdsearch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+from kdsearch.errors import ConfigError, UserError
+from kdsearch.strategies import METHODS
+
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+# Train-time augmentations. Each is a fixed set of views of every image, so the frozen teacher's
+# outputs are cached once per view and never computed live (see kdsearch.teacher_outputs).
+AUGMENTATIONS = ("none", "flip")
+# fp32, or autocast with bf16 (CPU and CUDA) or fp16 (CUDA, with a gradient scaler).
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Seeds feed numpy and joblib as well as torch, which take 0 <= seed < 2**32 - 1.
+MAX_SEED = 2**32 - 2
+# Weight decay values a search draws from: off (the tutorial), or log-spaced strengths.
+WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a field may hold and how the command line shows it.
+
+    ``low``/``high`` are inclusive bounds (``low_open``: exclusive); ``space`` is the default search
+    space of a recipe knob every method searches; ``identity`` marks fields a study cannot mix.
+    """
+
+    help: str
+    kind: type = str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    optional: bool = False
+    identity: bool = False
+    space: BaseDistribution | None = None
+    path: str | None = None  # "file" or "dir" for click.Path
+    envvar: str | None = None
+    check: Callable[[Any], str | None] | None = None  # extra rule: a problem, or None
+
+    def validate(self, name: str, value: Any) -> Any:
+        """``value`` converted to ``kind`` (an int where a float is wanted), or ``ConfigError``."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(name, "must be given")
+        value = self._typed(name, value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise ConfigError(name, f"must be {'above' if self.low_open else 'at least'} {self.low:g}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise ConfigError(name, f"must be at most {self.high:g}, got {value!r}")
+        problem = self.check(value) if self.check is not None else None
+        if problem:
+            raise ConfigError(name, problem)
+        return value
+
+    def _typed(self, name: str, value: Any) -> Any:
+        if self.kind is str:
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+            return value
+        if self.kind is tuple:
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(name, f"must be a list of strings, got {value!r}")
+            return tuple(value)
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(name, f"must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be finite, got {value!r}")
+        if self.kind is int:
+            if not float(value).is_integer():
+                raise ConfigError(name, f"must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+
+
+def knob(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field with its ``Knob``; ``kind`` defaults to the default's type."""
+    if "kind" not in rules and default is not None:
+        rules["kind"] = type(default)
+    return field(default=default, metadata={"knob": Knob(help, **rules)})
+
+
+def knobs_of(section: Any) -> Iterator[tuple[str, Knob]]:
+    """(name, knob) of every declared field of a section (class or instance), in order."""
+    for f in dataclasses.fields(section):
+        if "knob" in f.metadata:
+            yield f.name, f.metadata["knob"]
+
+
+class Section:
+    """Base of the config sections: validates and normalises every knob when built."""
+
+    def __post_init__(self) -> None:
+        for name, rule in knobs_of(self):
+            object.__setattr__(self, name, rule.validate(name, getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Which images, and how the train split is cut."""
+
+    dataset: str = knob(
+        "cifar10",
+        "cifar10/cifar100/fashion-mnist (torchvision format, downloaded if missing) or imagefolder.",
+        choices=DATASETS,
+        identity=True,
+    )
+    data_dir: str | None = knob(
+        None, "Dataset folder (imagefolder: train/<class>/ and test/<class>/).", kind=str, optional=True, path="dir"
+    )
+    val_size: int = knob(5000, "Train images held out for validation (fixed split; 0 = none).", low=0, identity=True)
+    limit_train: int | None = knob(
+        None, "Keep only N training images (quick runs).", kind=int, low=1, optional=True, identity=True
+    )
+
+
+@dataclass(frozen=True)
+class ModelsConfig(Section):
+    """The frozen teacher, the student, and the layers hidden-state losses tap."""
+
+    teacher: str | None = knob(
+        None,
+        "Teacher checkpoint [default: the dataset's teacher, trained once if missing].",
+        kind=str,
+        optional=True,
+        path="file",
+    )
+    teacher_model: str | None = knob(
+        None,
+        "Teacher architecture: deepnn or package.module:Class [default: deepnn, or a built-in name the checkpoint "
+        "records].",
+        kind=str,
+        optional=True,
+    )
+    student_model: str = knob("lightnn", "lightnn, deepnn or package.module:Class.", identity=True)
+    teacher_layer: str = knob("features", "Teacher layer tapped for features.", identity=True)
+    student_layer: str = knob("features", "Student layer tapped for features.", identity=True)
+    width: float = knob(1.0, "Student width multiplier.", low=0.0, low_open=True, high=16.0, identity=True)
+
+
+@dataclass(frozen=True)
+class RecipeConfig(Section):
+    """How a network is trained. The defaults are the tutorial's: Adam 1e-3, batch 128, 10 epochs."""
+
+    epochs: int = knob(10, "Training epochs.", low=1, high=100_000, identity=True)
+    batch_size: int = knob(128, "Batch size.", low=1, high=1_000_000, identity=True)
+    optimizer: str = knob(
+        "adam",
+        "adam, adamw (decoupled weight decay) or sgd (Nesterov, momentum 0.9).",
+        choices=OPTIMIZERS,
+        space=CategoricalDistribution(OPTIMIZERS),
+    )
+    lr: float = knob(
+        1e-3, "Peak learning rate.", low=0.0, low_open=True, high=10.0, space=FloatDistribution(1e-4, 1e-2, log=True)
+    )
+    lr_schedule: str = knob(
+        "constant",
+        "constant, or cosine decay to 0 over the run's steps.",
+        choices=LR_SCHEDULES,
+        space=CategoricalDistribution(LR_SCHEDULES),
+    )
+    weight_decay: float = knob(
+        0.0,
+        "Weight decay (L2 for adam/sgd, decoupled for adamw).",
+        low=0.0,
+        high=1.0,
+        space=CategoricalDistribution(WEIGHT_DECAYS),
+    )
+    label_smoothing: float = knob(
+        0.0, "Label smoothing of the cross-entropy term.", low=0.0, high=0.5, space=FloatDistribution(0.0, 0.2)
+    )
+    augment: str = knob(
+        "none",
+        "none, or flip: mirror a random half of every batch (the teacher's outputs cached per view).",
+        choices=AUGMENTATIONS,
+        space=CategoricalDistribution(AUGMENTATIONS),
+    )
+    precision: str = knob(
+        "fp32",
+        "Forward pass: fp32, or autocast bf16 (CPU/CUDA) or fp16 (CUDA); losses stay float32.",
+        choices=PRECISIONS,
+        identity=True,
+    )
+    seed: int = knob(42, "Seed of initialisation, batch order and augmentation.", low=0, high=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The method and its own hyperparameters (complete: unset ones take the tutorial's values).
+
+    Which names and values are valid depends on the method, so the method's ``Strategy`` checks
+    them (``kdsearch.losses``); that needs torch, so it is imported only when a loss is built.
+    """
+
+    method: str = "kd"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from kdsearch.strategies import get_strategy
+
+        if self.method not in METHODS:
+            raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.params, Mapping):
+            raise ConfigError("params", f"must be a mapping of name to value, got {self.params!r}")
+        object.__setattr__(self, "params", get_strategy(self.method).hyperparameters(dict(self.params)))
+
+
+SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "models": ModelsConfig, "recipe": RecipeConfig}
+# Every knob's section, by its (unique) name: the flat namespace of CLI options and study attributes.
+SECTION_OF: dict[str, str] = {name: section for section, cls in SECTIONS.items() for name, _ in knobs_of(cls)}
+KNOBS: dict[str, Knob] = {name: rule for cls in SECTIONS.values() for name, rule in knobs_of(cls)}
+# Recipe knobs every method searches, with their default spaces.
+RECIPE_SPACE: dict[str, BaseDistribution] = {
+    name: rule.space for name, rule in knobs_of(RecipeConfig) if rule.space is not None
+}
+DEVICE_KNOB = Knob("auto, cpu, cuda or cuda:N.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one distillation run; the format of exported configs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        DEVICE_KNOB.validate("device", self.device)
+
+    @property
+    def method(self) -> str:
+        return self.loss.method
+
+    def flat(self) -> dict[str, Any]:
+        """Every knob by name, plus ``method`` (the form of study attributes and legacy configs)."""
+        values = {name: getattr(getattr(self, SECTION_OF[name]), name) for name in KNOBS}
+        return {"method": self.method, **values}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The exported form: one mapping per section (portable: the device is not part of it)."""
+        out: dict[str, Any] = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+        out["loss"] = {"method": self.method, "params": dict(self.loss.params)}
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """The knobs a study cannot mix between its trials."""
+        flat = self.flat()
+        return {"method": self.method, **{name: flat[name] for name, rule in KNOBS.items() if rule.identity}}
+
+    def with_values(self, values: Mapping[str, Any]) -> RunConfig:
+        """A copy with knobs and method hyperparameters replaced by name (a trial's params, ``--hp``).
+
+        Names of knobs go to their section; every other name is one of the method's own.
+        """
+        changes: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        params = dict(self.loss.params)
+        for name, value in values.items():
+            if name in SECTION_OF:
+                changes[SECTION_OF[name]][name] = value
+            else:
+                params[name] = value
+        sections = {
+            s: dataclasses.replace(getattr(self, s), **c) if c else getattr(self, s) for s, c in changes.items()
+        }
+        return dataclasses.replace(self, **sections, loss=LossConfig(self.method, params))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str) -> RunConfig:
+        """A config from its exported (sectioned) form, or the flat form of older kdsearch versions.
+
+        Unknown keys are refused, so a typo never silently trains the default.
+        """
+        try:
+            return cls._from_dict(data, origin)
+        except ConfigError as exc:
+            raise UserError(f"config {origin}: {exc.name} {exc.problem}") from None
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any], origin: str) -> RunConfig:
+        data = dict(data)
+        for key in PROVENANCE_KEYS:
+            data.pop(key, None)
+        if any(key in data for key in (*SECTIONS, "loss")):
+            flat: dict[str, Any] = {}
+            for key, value in data.items():
+                if key not in (*SECTIONS, "loss") or not isinstance(value, Mapping):
+                    raise UserError(
+                        f"config {origin}: unexpected key {key!r}; a config holds the sections "
+                        f"{', '.join((*SECTIONS, 'loss'))}"
+                    )
+                if key == "loss":
+                    _refuse_unknown(origin, key, value, {"method", "params"})
+                    flat["method"] = value.get("method", "kd")
+                    flat["hyperparameters"] = value.get("params", {})
+                else:
+                    _refuse_unknown(origin, key, value, {name for name, _ in knobs_of(SECTIONS[key])})
+                    flat.update(value)
+            data = flat
+        return cls.from_flat(data, origin=origin)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, origin: str) -> RunConfig:
+        """A config from knob names (study attributes, the command line, pre-sections config files).
+
+        ``hyperparameters`` holds the method's own values; knobs found there (older files kept lr,
+        lr_schedule and augment with the method's values; ``--hp lr=…``) move to their section and
+        win over the same knob given beside them.
+        """
+        values = {k: v for k, v in values.items() if k not in PROVENANCE_KEYS}
+        unknown = set(values) - set(KNOBS) - {"method", "hyperparameters", "device"}
+        if unknown:
+            raise UserError(f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(KNOBS))}")
+        hyperparameters = values.pop("hyperparameters", None) or {}
+        if not isinstance(hyperparameters, Mapping):
+            raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {hyperparameters!r}")
+        hyperparameters = dict(hyperparameters)
+        for name in [n for n in hyperparameters if n in KNOBS]:
+            values[name] = hyperparameters.pop(name)
+        sections = {
+            section: cls_(**{n: values[n] for n, _ in knobs_of(cls_) if n in values})
+            for section, cls_ in SECTIONS.items()
+        }
+        method = values.get("method", LossConfig.method)
+        return cls(**sections, loss=LossConfig(method, hyperparameters), device=values.get("device", "auto"))
+
+
+# Keys an exported config carries for provenance; reading a config passes over them.
+PROVENANCE_KEYS = ("source", "kdsearch_version")
+
+
+def _refuse_unknown(origin: str, section: str, values: Mapping[str, Any], known: set[str]) -> None:
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(
+            f"config {origin}: section {section} has unknown keys {sorted(unknown)}; known: {sorted(known)}"
+        )
+
+
+def flag(name: str) -> str:
+    """The command-line option of a knob: the one mapping from field names to the user's words."""
+    return "--" + name.replace("_", "-")
+
+
+SAMPLERS = ("tpe", "random", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "percentile", "none")
+# Objectives and their directions: validation accuracy, student parameters, latency (ms per image).
+OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "latency": "minimize"}
+MAX_STUDY_NAME = 128
+
+
+def _study_name_problem(name: str) -> str | None:
+    """Names become folder names (artifacts) and URL parts (the dashboard): keep them plain."""
+    if name in (".", "..") or len(name) > MAX_STUDY_NAME or "/" in name or "\\" in name:
+        return f"must be 1-{MAX_STUDY_NAME} characters, no slashes, and not '.' or '..', got {name[:40]!r}"
+    if any(not c.isprintable() for c in name):
+        return "must not hold control characters"
+    return None
+
+
+def _objectives_problem(text: str) -> str | None:
+    names = [n.strip() for n in text.split(",")]
+    if any(n not in OBJECTIVES for n in names) or names[0] != "accuracy" or len(set(names)) != len(names):
+        return f"must start with accuracy and may add params and latency (each once), got {text!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class SearchConfig(Section):
+    """How a study runs: its size, its storage, the sampler and pruner, its workers."""
+
+    trials: int | None = knob(
+        None,
+        "Trials this invocation runs (all --n-jobs workers together); with --total, the study's total.",
+        kind=int,
+        low=1,
+        optional=True,
+    )
+    timeout: float | None = knob(
+        None, "Stop starting trials after this many seconds.", kind=float, low=0.0, low_open=True, optional=True
+    )
+    study_name: str | None = knob(
+        None,
+        "[default: <method>-<dataset>]; an existing study gets more trials.",
+        kind=str,
+        optional=True,
+        check=_study_name_problem,
+    )
+    storage: str | None = knob(
+        None,
+        "SQLAlchemy URL [env KDSEARCH_STORAGE; default: sqlite:///studies/kdsearch.db].",
+        kind=str,
+        optional=True,
+        envvar="KDSEARCH_STORAGE",
+    )
+    sampler: str = knob("tpe", "tpe (multivariate, constant liar), random, cmaes or grid.", choices=SAMPLERS)
+    sampler_seed: int | None = knob(
+        None,
+        "Seed of this process's sampler [default: a fresh one per process, so workers never propose the same "
+        "trials; give one to make a single-process study repeatable].",
+        kind=int,
+        low=0,
+        high=MAX_SEED,
+        optional=True,
+    )
+    pruner: str = knob("median", "median, hyperband, percentile or none.", choices=PRUNERS)
+    pruner_startup: int = knob(5, "Trials completed before pruning starts.", low=0, high=1_000_000)
+    pruner_warmup: int | None = knob(
+        None, "Epochs before a trial can be pruned [default: epochs/4].", kind=int, low=0, optional=True
+    )
+    space: str | None = knob(
+        None,
+        "Search-space YAML/JSON (see studies/spaces/); overrides the method's defaults.",
+        kind=str,
+        optional=True,
+        path="file",
+    )
+    fix: tuple[str, ...] = knob((), "Pin a hyperparameter: NAME=VALUE (repeatable).", kind=tuple)
+    n_jobs: int = knob(1, "Worker processes on this machine, sharing the study and the CPU threads.", low=1, high=256)
+    total: bool = knob(False, "--trials is the study's total of finished trials (all workers, all hosts).")
+    heartbeat: int = knob(
+        30, "Seconds between a trial's heartbeats; trials of dead workers are failed and retried.", low=1, high=86_400
+    )
+    objectives: str = knob(
+        "accuracy",
+        "accuracy, or a multi-objective search: accuracy,params and/or latency (adds width to the space).",
+        check=_objectives_problem,
+    )
+    baseline: bool = knob(
+        True, "Start a new study with the tutorial's hand-set values as trial 0 (not with --sampler grid)."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trials is None and self.timeout is None:
+            raise ConfigError("trials", "or --timeout SECONDS must be given (or both)")
+        if self.total and self.trials is None:
+            raise ConfigError("total", "needs --trials N (the study's total of finished trials)")
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.objectives.split(","))
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_names) > 1

@@ -1,0 +1,212 @@
+"""Study storages and the artifact store: opening them, reading studies back, masking secrets.
+
+Optuna's RDB storage (SQLite by default, PostgreSQL or MySQL by URL) holds studies and is the
+distributed engine; best-student checkpoints are Optuna artifacts in a file-system store with one
+folder per study. Every URL that reaches output goes through ``redact`` first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+from kdsearch.errors import UserError
+from kdsearch.paths import artifact_root, home_dir
+
+# Attempts to open a storage whose tables another worker is creating at the same moment.
+TABLE_RACE_RETRIES = 5
+# Query parameters of a database URL that carry secrets (libpq, SQLAlchemy drivers).
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword", "access_token", "api_key")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:" + "|".join(SECRET_QUERY_KEYS) + r")=)[^&#]*")
+_USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://[^:/@]*:)[^@/]*@")
+
+
+def default_storage_url() -> str:
+    """``KDSEARCH_STORAGE`` if set, else a SQLite file under the studies home."""
+    return os.environ.get("KDSEARCH_STORAGE") or f"sqlite:///{home_dir() / 'kdsearch.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with every credential masked (the password, and secret query parameters):
+    what may appear in output, logs and exported files."""
+    masked = _USERINFO.sub(r"\1***@", url)
+    return _SECRET_QUERY.sub(r"\1***", masked)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other back-ends); a malformed URL is a user error."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - a non-numeric port raises here, not deep inside a connect
+    except (ArgumentError, ValueError):
+        raise UserError(
+            f"malformed storage URL {redact(url)!r}; expected e.g. sqlite:///studies/kdsearch.db "
+            "or postgresql+psycopg2://user@host/db"
+        ) from None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        raise UserError("an in-memory SQLite storage would lose the study; give a file, e.g. sqlite:///study.db")
+    return Path(parsed.database)
+
+
+def check_storage_url(url: str, *, create_parent: bool) -> Path | None:
+    """Reject malformed URLs before anything connects or creates a file; returns a SQLite file's path."""
+    path = sqlite_path(url)
+    if path is None:
+        return None
+    if path.exists() and not path.is_file():
+        raise UserError(f"storage {path} is not a file")
+    if not path.parent.exists():
+        if not create_parent:
+            raise UserError(f"storage directory {path.parent} does not exist")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create storage directory {path.parent}: {exc.strerror or exc}") from None
+    return path
+
+
+def _is_sqlite_without_optuna_tables(path: Path) -> bool:
+    """A SQLite file that holds other tables and none of Optuna's: somebody else's database."""
+    import sqlite3
+
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError:
+        raise UserError(f"storage {path} is not a SQLite database") from None
+    return bool(tables) and "studies" not in tables
+
+
+def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool = False) -> optuna.storages.RDBStorage:
+    """An RDB storage; SQLite waits for locks instead of failing, and dead workers' trials are retried."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+
+    sqlite_file = check_storage_url(url, create_parent=create_parent)
+    if sqlite_file is not None and _is_sqlite_without_optuna_tables(sqlite_file):
+        raise UserError(f"storage {sqlite_file} is a SQLite database of something else, not an Optuna storage")
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if sqlite_file is not None:
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        # Heartbeats are marked experimental in Optuna 5, yet they are its documented way to
+        # recover trials of dead workers; the warning would print once per worker.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat_kwargs: dict[str, Any] = {}
+        if heartbeat is not None:
+            heartbeat_kwargs = {
+                "heartbeat_interval": heartbeat,
+                "grace_period": 2 * heartbeat + 1,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            }
+        for attempt in range(TABLE_RACE_RETRIES + 1):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            except (IntegrityError, ProgrammingError, OperationalError) as exc:
+                # Workers started together on an empty database race to create Optuna's tables;
+                # the losers see "duplicate key" / "already exists" and succeed on a retry.
+                racing = any(word in str(exc) for word in ("already exists", "duplicate", "Duplicate"))
+                if not racing or attempt == TABLE_RACE_RETRIES:
+                    raise UserError(f"cannot open storage {redact(url)}: {redact(_first_line(exc))}") from None
+                time.sleep(0.5 * (attempt + 1))
+            except (SQLAlchemyError, ImportError, ValueError) as exc:
+                raise UserError(f"cannot open storage {redact(url)}: {redact(_first_line(exc))}") from None
+    raise AssertionError("unreachable")
+
+
+def open_existing_storage(url: str | None) -> tuple[optuna.storages.BaseStorage | None, str]:
+    """Open a storage for reading; a SQLite file that does not exist yet is not created (None)."""
+    url = url or default_storage_url()
+    sqlite_file = sqlite_path(url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        return None, url
+    return open_storage(url), url
+
+
+def is_kdsearch_study(study: optuna.Study) -> bool:
+    """Created by kdsearch: it records the method and objectives every kdsearch study records."""
+    return "method" in study.user_attrs and "objectives" in study.user_attrs
+
+
+def load_existing_study(storage_url: str | None, study_name: str) -> tuple[optuna.Study, str]:
+    """A kdsearch study that exists; anything else (no storage, no study, a plain Optuna one) is a user error."""
+    storage, url = open_existing_storage(storage_url)
+    if storage is None:
+        raise UserError(f"no study named {study_name!r} in {redact(url)}: the storage file does not exist yet")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        raise UserError(
+            f"no study named {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}"
+        ) from None
+    if not is_kdsearch_study(study):
+        raise UserError(f"study {study_name!r} in {redact(url)} was not created by kdsearch")
+    return study, url
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {
+        "complete": states.count(TrialState.COMPLETE),
+        "pruned": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL),
+        "running": states.count(TrialState.RUNNING),
+    }
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "_"
+
+
+class ArtifactDirectory:
+    """A file-system artifact store with one folder per study (``<root>/<study>/<artifact id>``).
+
+    Uploads go to the study's folder; reads search every study's folder, so one store can serve
+    the dashboard for all studies in a storage. Implements optuna's ``ArtifactStore`` protocol.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, study_name: str = "_dashboard") -> None:
+        self.root = Path(root) if root is not None else artifact_root()
+        self.study_name = study_name
+
+    def _writer(self) -> FileSystemArtifactStore:
+        folder = self.root / safe_name(self.study_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileSystemArtifactStore(str(folder))
+
+    def _find(self, artifact_id: str) -> Path:
+        if "/" in artifact_id or artifact_id.startswith("."):
+            raise ArtifactNotFound(f"invalid artifact id {artifact_id!r}")
+        for path in self.root.glob(f"*/{artifact_id}"):
+            if path.is_file():
+                return path
+        raise ArtifactNotFound(f"artifact {artifact_id} not found under {self.root}")
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return open(self._find(artifact_id), "rb")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._writer().write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._find(artifact_id).unlink()

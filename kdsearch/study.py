@@ -1,0 +1,392 @@
+"""Running a study: create or join it, then run trials in this process or in N worker processes.
+
+A study's identity (method, data, teacher, epochs…: the config's identity knobs) is recorded in
+its user attributes when it is created, and a later run joins it only when that identity agrees,
+so one study never mixes trials of different set-ups. Workers on one machine are processes that
+share the study through the storage; each samples with its own seed. Ctrl-C or SIGTERM reaches
+every worker: the running trials close as failed, no new trial starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from kdsearch import __version__
+from kdsearch.config import MAX_SEED, OBJECTIVES, RunConfig, SearchConfig
+from kdsearch.distill import Prepared, loss_shapes, prepare
+from kdsearch.errors import Terminated, UserError, raise_terminated
+from kdsearch.objective import Objective
+from kdsearch.progress import TrialProgress
+from kdsearch.spaces import Space, baseline_params, build_space, grid_of, parse_assignments
+from kdsearch.storage import (
+    ArtifactDirectory,
+    check_storage_url,
+    counts,
+    default_storage_url,
+    is_kdsearch_study,
+    open_storage,
+    redact,
+)
+from kdsearch.strategies import get_strategy
+
+# Seconds a worker gets to close its running trial after Ctrl-C/SIGTERM before it is killed.
+WORKER_GRACE_SECONDS = 20.0
+
+
+def make_sampler(name: str, seed: int | None, space: Space) -> optuna.samplers.BaseSampler:
+    """TPE (multivariate, constant liar for parallel workers), random, CMA-ES or grid."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, warn_independent_sampling=False, independent_sampler=optuna.samplers.TPESampler(seed=seed)
+        )
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+
+
+def make_pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
+    """Median by default: no pruning in the first trials or before the warm-up epochs; none for several objectives."""
+    warm = max(0, epochs // 4) if search.pruner_warmup is None else search.pruner_warmup
+    if search.multi_objective or search.pruner == "none":
+        return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
+    if search.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=search.pruner_startup, n_warmup_steps=warm)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup, n_warmup_steps=warm)
+
+
+def teacher_saw_validation(prepared: Prepared) -> bool:
+    """Whether the frozen teacher was trained on (some of) the images this search validates on.
+
+    Then its outputs carry those images' labels, and a student that imitates the teacher closely
+    scores high on validation for that reason alone. Validation rows are the first ``val_size``
+    rows of one fixed permutation, so a teacher trained with ``--val-size V`` never saw the
+    validation rows of a search with ``val_size <= V``; a checkpoint with no record (the
+    tutorial's own) is taken to have trained on everything.
+    """
+    if prepared.teacher is None:
+        return False
+    held_out = (prepared.teacher_metadata.get("data") or {}).get("val_size") or 0
+    return held_out < prepared.config.data.val_size
+
+
+def identity_keys(config: RunConfig) -> tuple[str, ...]:
+    """Study attributes that must agree when a run adds trials to an existing study."""
+    return ("objectives", "data_fingerprint", "teacher_sha256", *config.identity())
+
+
+def study_attributes(prepared: Prepared, space: Space, objectives: tuple[str, ...]) -> dict[str, Any]:
+    """Everything `export` needs to rebuild a run from the study alone: the config's knobs and provenance."""
+    config = prepared.config
+    attrs = config.flat()
+    attrs["data_dir"] = str(Path(config.data.data_dir).resolve()) if config.data.data_dir else None
+    attrs["teacher"] = str(prepared.teacher_path.resolve()) if prepared.teacher_path else None
+    return attrs | {
+        "data_fingerprint": prepared.splits.fingerprint,
+        "teacher_sha256": prepared.teacher_checksum,
+        "objectives": list(objectives),
+        "search_space": {
+            name: distribution_to_json(p) if isinstance(p, BaseDistribution) else p for name, p in space.items()
+        },
+        "teacher_saw_validation": teacher_saw_validation(prepared),
+        "kdsearch_version": __version__,
+    }
+
+
+def load_or_create_study(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    attrs: dict[str, Any],
+    keys: tuple[str, ...],
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+) -> optuna.Study:
+    """Create the study, or add to it when its identity (method, data, teacher, epochs…) agrees."""
+    objectives = attrs["objectives"]
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        study = None
+    if study is not None:
+        if not is_kdsearch_study(study):
+            raise UserError(f"study {study_name!r} exists but was not created by kdsearch; use another --study-name")
+        existing = study.user_attrs
+        for key in keys:
+            if key in existing and existing[key] != attrs[key]:
+                raise UserError(
+                    f"study {study_name!r} was created with {key}={existing[key]!r}, not {attrs[key]!r}; "
+                    f"use another --study-name"
+                )
+        return study
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        directions=[OBJECTIVES[name] for name in objectives],
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(objectives))  # named axes in the dashboard and reports
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+@dataclass
+class SearchPlan:
+    """What every worker process needs to join the study and run its share of trials."""
+
+    config: RunConfig
+    search: SearchConfig
+    study_name: str
+    storage_url: str
+    space: Space
+    sampler_seed: int
+
+    def augmentations(self) -> tuple[str, ...]:
+        """The augmentations trials may draw, so the teacher's outputs are cached for their views."""
+        param = self.space.get("augment", self.config.recipe.augment)
+        return tuple(map(str, getattr(param, "choices", (param,))))
+
+    def objective(self, prepared: Prepared) -> Objective:
+        return Objective(
+            prepared, self.space, ArtifactDirectory(study_name=self.study_name), self.search.objective_names
+        )
+
+    def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
+        # Each worker gets its own sampler seed: identical seeds would propose identical trials.
+        return make_sampler(self.search.sampler, (self.sampler_seed + worker) % (MAX_SEED + 1), self.space)
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return make_pruner(self.search, self.config.recipe.epochs)
+
+
+def plan_search(config: RunConfig, search: SearchConfig) -> SearchPlan:
+    """Validate everything that can be checked without data: the space, the sampler's grid, the storage URL."""
+    if config.data.val_size <= 0:
+        raise UserError("a search needs a validation split to choose on: --val-size must be positive")
+    strategy = get_strategy(config.method)
+    fixes = parse_assignments(search.fix, "--fix")
+    space = build_space(strategy, search.space, fixes, search_width=search.multi_objective)
+    url = search.storage or default_storage_url()
+    # Without --sampler-seed each process draws its own, so two `optimize` processes on one study
+    # (another host, or a second terminal) never propose the same trials.
+    seed = search.sampler_seed if search.sampler_seed is not None else random.SystemRandom().randrange(MAX_SEED)
+    plan = SearchPlan(config, search, search.study_name or f"{config.method}-{config.data.dataset}", url, space, seed)
+    plan.sampler(0)  # a grid too large to enumerate fails here, before anything is created
+    if search.storage is not None:
+        check_storage_url(url, create_parent=False)
+    return plan
+
+
+def run_search(
+    config: RunConfig, search: SearchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """`kdsearch optimize`: validate everything, then open the study and run its trials.
+
+    ``search.trials`` is per run (split over ``n_jobs`` worker processes), or with ``total`` the
+    study's total of finished (complete or pruned) trials, whoever runs them. With ``baseline``, a
+    new study's first trial is the tutorial's hand-set config (``spaces.baseline_params``).
+    """
+    plan = plan_search(config, search)
+    storage_url_given = search.storage is not None
+    # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
+    prepared = prepare(config, augmentations=plan.augmentations(), progress=progress, log=log)
+    get_strategy(config.method).check_shapes(loss_shapes(prepared, _probe_student(prepared), config))
+    storage = open_storage(plan.storage_url, heartbeat=search.heartbeat, create_parent=not storage_url_given)
+    # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    attrs = study_attributes(prepared, plan.space, search.objective_names)
+    study = load_or_create_study(storage, plan.study_name, attrs, identity_keys(config), plan.sampler(0), plan.pruner())
+    if attrs["teacher_saw_validation"] and log is not None:
+        log(
+            f"warning: the teacher was trained on this search's {config.data.val_size} validation images, so "
+            f"imitating it inflates validation accuracy; for searches, train one with "
+            f"`kdsearch teacher --val-size {config.data.val_size}` and pass --teacher"
+        )
+    if search.baseline and search.sampler != "grid" and not study.get_trials(deepcopy=False):
+        # skip_if_exists: two processes starting the same new study enqueue it once.
+        baseline = baseline_params(get_strategy(config.method), plan.space)
+        study.enqueue_trial(baseline, user_attrs={"baseline": "tutorial"}, skip_if_exists=True)
+    start = time.perf_counter()
+    before = sum(counts(study)[k] for k in ("complete", "pruned"))
+    bar = TrialProgress(_bar_total(search, before), progress, study, before)
+    try:
+        if search.n_jobs == 1:
+            run_trials(study, plan.objective(prepared), search, [bar.callback], search.trials)
+        else:
+            del prepared  # each worker loads its own copy (from the caches just built)
+            run_workers(plan, study, bar)
+    finally:
+        bar.close()
+    return summarise(study, plan, time.perf_counter() - start)
+
+
+def _probe_student(prepared: Prepared) -> Any:
+    from kdsearch.distill import build_student
+
+    return build_student(prepared.config, prepared.splits).to(prepared.device)
+
+
+def _bar_total(search: SearchConfig, finished_before: int) -> int | None:
+    if search.trials is None:
+        return None
+    return max(search.trials - finished_before, 0) if search.total else search.trials
+
+
+def run_trials(
+    study: optuna.Study, objective: Objective, search: SearchConfig, callbacks: list[Any], trials: int | None
+) -> None:
+    """Run ``trials`` trials, or with ``total`` until the study holds that many finished trials."""
+    if not search.total:
+        study.optimize(objective, n_trials=trials, timeout=search.timeout, callbacks=callbacks)
+        return
+    assert search.trials is not None
+    # Running trials count as claimed, so parallel workers stop together instead of overshooting.
+    claimed = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    if len(study.get_trials(deepcopy=False, states=claimed)) >= search.trials:
+        return
+    callbacks = [*callbacks, MaxTrialsCallback(search.trials, states=claimed)]
+    study.optimize(objective, n_trials=None, timeout=search.timeout, callbacks=callbacks)
+
+
+def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, errors: Any) -> None:
+    """One worker process: its own data copy and sampler, the shared study, its share of trials."""
+    import torch
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        torch.set_num_threads(threads)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        prepared = prepare(plan.config, augmentations=plan.augmentations())
+        storage = open_storage(plan.storage_url, heartbeat=plan.search.heartbeat)
+        study = optuna.load_study(
+            study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
+        )
+        if worker > 0:
+            _let_worker_0_take_waiting_trials(study)
+        run_trials(study, plan.objective(prepared), plan.search, [], trials)
+    except KeyboardInterrupt as exc:
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    except UserError as exc:
+        errors.put(("user", str(exc)))
+        sys.exit(2)
+    except Exception:  # noqa: BLE001 - a bug in a worker: its traceback goes to the parent
+        errors.put(("bug", traceback.format_exc()))
+        sys.exit(1)
+
+
+def _let_worker_0_take_waiting_trials(study: optuna.Study, timeout: float = 120.0) -> None:
+    """Hold this worker back until the enqueued baseline trial has been claimed by worker 0.
+
+    SQLite has no row locks, so two workers asking for a trial at the same moment could both try to
+    claim the one waiting trial; letting one worker take it first removes the race at the cost of a
+    moment's delay at start-up (bounded, so a stuck worker 0 cannot hold the others forever).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        time.sleep(0.2)
+
+
+def _shares(search: SearchConfig) -> list[int | None]:
+    if search.trials is None or search.total:
+        return [search.trials if search.total else None] * search.n_jobs
+    shares = [
+        search.trials // search.n_jobs + (1 if i < search.trials % search.n_jobs else 0) for i in range(search.n_jobs)
+    ]
+    return [s for s in shares if s]
+
+
+def run_workers(plan: SearchPlan, study: optuna.Study, bar: TrialProgress) -> None:
+    """Worker processes on the same study, CPU threads split between them; signals reach them all."""
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    shares = _shares(plan.search)
+    threads = max(1, torch.get_num_threads() // len(shares))
+    workers = [
+        context.Process(target=_worker, args=(plan, i, share, threads, errors), daemon=True)
+        for i, share in enumerate(shares)
+    ]
+    for process in workers:
+        process.start()
+    try:
+        while any(p.is_alive() for p in workers):
+            workers[0].join(timeout=1.0)
+            bar.poll()
+    except KeyboardInterrupt as exc:
+        _stop_workers(workers, forward=isinstance(exc, Terminated))
+        raise
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    for kind, message in failures:
+        if kind == "user":
+            raise UserError(message)
+    if failures:
+        raise RuntimeError("a worker failed:\n" + failures[0][1])
+
+
+def _stop_workers(workers: list[Any], *, forward: bool) -> None:
+    """Let every worker close its running trial: SIGTERM to each (Ctrl-C reached them already), then wait."""
+    if forward:
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_SECONDS
+    for process in workers:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+
+
+def summarise(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "study_name": plan.study_name,
+        "storage": redact(plan.storage_url),
+        **counts(study),
+        "wall_seconds": round(seconds, 2),
+        "best_value": None,
+        "best_trial": None,
+        "best_params": {},
+        "best_artifact_id": None,
+    }
+    if plan.search.multi_objective:
+        front = sorted(study.best_trials, key=lambda t: t.values[1:])
+        summary["objectives"] = list(plan.search.objective_names)
+        summary["pareto_front"] = [
+            {"trial": t.number, "values": t.values, "params": t.params, "artifact_id": t.user_attrs.get("artifact_id")}
+            for t in front
+        ]
+        return summary
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        best = study.best_trial
+        summary |= {
+            "best_value": best.value,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "best_artifact_id": best.user_attrs.get("artifact_id"),
+        }
+    return summary
