@@ -81,26 +81,21 @@ def tutorial_epoch_seconds(data_dir: str, teacher_path: Path, batches: int, n_tr
 def kdsearch_epochs(
     data_dir: str, teacher: Path, methods: list[str], epochs: int, precision: str = "fp32"
 ) -> dict[str, Any]:
-    from kdsearch.distill import RunConfig, prepare, test_accuracy, train_student
+    from kdsearch.config import RunConfig
+    from kdsearch.distill import prepare, train_student
+    from kdsearch.loop import evaluate
 
     out: dict[str, Any] = {}
     for method in methods:
-        config = RunConfig(
-            method=method,
-            dataset="imagefolder",
-            data_dir=data_dir,
-            val_size=0,
-            epochs=epochs,
-            precision=precision,
-            teacher=str(teacher),
-        )
+        values = {"method": method, "dataset": "imagefolder", "data_dir": data_dir, "val_size": 0, "epochs": epochs}
+        config = RunConfig.from_flat(values | {"precision": precision, "teacher": str(teacher)}, origin="of bench")
         prepared = prepare(config)
-        result = train_student(prepared, {})
+        result = train_student(prepared)
         out[method] = {
             "epoch_seconds": [r.seconds for r in result.epochs],
             "steady_seconds": statistics.median([r.seconds for r in result.epochs[1:]]),
             "teacher_outputs_seconds": prepared.teacher_outputs_seconds,
-            "test_accuracy": test_accuracy(prepared, result.model),
+            "test_accuracy": evaluate(result.model, prepared.splits.test, prepared.device),
         }
     return out
 
@@ -174,8 +169,10 @@ def interleaved_epochs(data_dir: str, teacher: Path, methods: list[str], epochs:
 
 def cache_build_seconds(data_dir: str, teacher_path: Path) -> float:
     from kdsearch.data import load_splits
-    from kdsearch.loop import compute_teacher_outputs, resolve_device
-    from kdsearch.teacher import cache_dir, load_teacher
+    from kdsearch.loop import resolve_device
+    from kdsearch.paths import cache_dir
+    from kdsearch.teacher import load_teacher
+    from kdsearch.teacher_outputs import compute_teacher_outputs
 
     device = resolve_device("auto")
     splits = load_splits("imagefolder", data_dir, val_size=0, cache_dir=cache_dir()).to(device)
@@ -208,8 +205,9 @@ class TimedStorage:
 
 
 def study_seconds(data_dir: str, teacher: Path, trials: int, n_jobs: int, timed: bool) -> dict[str, Any]:
-    from kdsearch import search
-    from kdsearch.distill import RunConfig
+    from kdsearch import study as search
+    from kdsearch.config import RunConfig, SearchConfig
+    from kdsearch.distill import prepare
 
     folder = Path(tempfile.mkdtemp(prefix="kdsearch-bench-"))
     url = f"sqlite:///{folder / 'bench.db'}"
@@ -223,24 +221,17 @@ def study_seconds(data_dir: str, teacher: Path, trials: int, n_jobs: int, timed:
             return timer
 
         search.open_storage = open_timed  # type: ignore[assignment]
-    config = RunConfig(
-        method="kd", dataset="imagefolder", data_dir=data_dir, val_size=5000, epochs=3, teacher=str(teacher)
-    )
+    values = {"method": "kd", "dataset": "imagefolder", "data_dir": data_dir, "val_size": 5000, "epochs": 3}
+    config = RunConfig.from_flat(values | {"teacher": str(teacher)}, origin="of bench")
     # The teacher-output caches (both views: the default space may draw flip) are built outside the
     # timing, so the 1-worker study does not pay a one-off cost the 2-worker one then skips.
-    search.prepare(config, augmentations=("none", "flip"))
+    prepare(config, augmentations=("none", "flip"))
     start = time.perf_counter()
     try:
-        summary = search.run_search(
-            config,
-            study_name="bench",
-            storage_url=url,
-            trials=trials,
-            timeout=None,
-            pruner_name="none",
-            n_jobs=n_jobs,
-            progress=False,
+        plan = SearchConfig(
+            trials=trials, study_name="bench", storage=url, pruner="none", n_jobs=n_jobs, sampler_seed=42
         )
+        summary = search.run_search(config, plan, progress=False)
     finally:
         if timed:
             search.open_storage = real_open  # type: ignore[assignment]
@@ -263,11 +254,13 @@ def main() -> int:
     parser.add_argument("--full-study-method", default="cosine")
     parser.add_argument("--teacher", default=None, help="Teacher checkpoint [default: the dataset's tutorial teacher].")
     args = parser.parse_args()
+    from kdsearch.config import RecipeConfig
     from kdsearch.data import load_splits
-    from kdsearch.teacher import TeacherRecipe, cache_dir, default_teacher_path
+    from kdsearch.paths import cache_dir
+    from kdsearch.teacher import TUTORIAL_TEACHER, default_teacher_path
 
     splits = load_splits("imagefolder", args.data_dir, val_size=0, cache_dir=cache_dir())
-    teacher = Path(args.teacher) if args.teacher else default_teacher_path(splits, TeacherRecipe())
+    teacher = Path(args.teacher) if args.teacher else default_teacher_path(splits, TUTORIAL_TEACHER, RecipeConfig())
     if not teacher.exists():
         print(f"no teacher at {teacher}: run `make bench-tutorial` first", file=sys.stderr)
         return 2

@@ -26,15 +26,14 @@ from kdsearch.config import (
     KNOBS,
     RECIPE_SPACE,
     DataConfig,
-    Knob,
     ModelsConfig,
     RecipeConfig,
     RunConfig,
     SearchConfig,
     flag,
-    knobs_of,
 )
 from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
+from kdsearch.knobs import Knob, knobs_of
 from kdsearch.strategies import METHODS
 
 EXIT_USAGE = 2

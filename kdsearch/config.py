@@ -14,14 +14,14 @@ This module imports neither torch nor the training code, so ``kdsearch --help`` 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from kdsearch.errors import ConfigError, UserError
+from kdsearch.knobs import Knob, Section, knob, knobs_of
 from kdsearch.strategies import METHODS
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder")
@@ -36,91 +36,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_SEED = 2**32 - 2
 # Weight decay values a search draws from: off (the tutorial), or log-spaced strengths.
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
-
-
-@dataclass(frozen=True)
-class Knob:
-    """What a field may hold and how the command line shows it.
-
-    ``low``/``high`` are inclusive bounds (``low_open``: exclusive); ``space`` is the default search
-    space of a recipe knob every method searches; ``identity`` marks fields a study cannot mix.
-    """
-
-    help: str
-    kind: type = str
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    optional: bool = False
-    identity: bool = False
-    space: BaseDistribution | None = None
-    path: str | None = None  # "file" or "dir" for click.Path
-    envvar: str | None = None
-    check: Callable[[Any], str | None] | None = None  # extra rule: a problem, or None
-
-    def validate(self, name: str, value: Any) -> Any:
-        """``value`` converted to ``kind`` (an int where a float is wanted), or ``ConfigError``."""
-        if value is None:
-            if self.optional:
-                return None
-            raise ConfigError(name, "must be given")
-        value = self._typed(name, value)
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise ConfigError(name, f"must be {'above' if self.low_open else 'at least'} {self.low:g}, got {value!r}")
-        if self.high is not None and value > self.high:
-            raise ConfigError(name, f"must be at most {self.high:g}, got {value!r}")
-        problem = self.check(value) if self.check is not None else None
-        if problem:
-            raise ConfigError(name, problem)
-        return value
-
-    def _typed(self, name: str, value: Any) -> Any:
-        if self.kind is str:
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(name, f"must be a non-empty string, got {value!r}")
-            return value
-        if self.kind is tuple:
-            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(name, f"must be a list of strings, got {value!r}")
-            return tuple(value)
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(name, f"must be true or false, got {value!r}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(name, f"must be finite, got {value!r}")
-        if self.kind is int:
-            if not float(value).is_integer():
-                raise ConfigError(name, f"must be an integer, got {value!r}")
-            return int(value)
-        return float(value)
-
-
-def knob(default: Any, help: str, **rules: Any) -> Any:
-    """A dataclass field with its ``Knob``; ``kind`` defaults to the default's type."""
-    if "kind" not in rules and default is not None:
-        rules["kind"] = type(default)
-    return field(default=default, metadata={"knob": Knob(help, **rules)})
-
-
-def knobs_of(section: Any) -> Iterator[tuple[str, Knob]]:
-    """(name, knob) of every declared field of a section (class or instance), in order."""
-    for f in dataclasses.fields(section):
-        if "knob" in f.metadata:
-            yield f.name, f.metadata["knob"]
-
-
-class Section:
-    """Base of the config sections: validates and normalises every knob when built."""
-
-    def __post_init__(self) -> None:
-        for name, rule in knobs_of(self):
-            object.__setattr__(self, name, rule.validate(name, getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -262,9 +177,9 @@ class RunConfig:
         return self.loss.method
 
     def flat(self) -> dict[str, Any]:
-        """Every knob by name, plus ``method`` (the form of study attributes and legacy configs)."""
+        """Every knob by name, ``method`` and ``hyperparameters`` (the form of study attributes and legacy configs)."""
         values = {name: getattr(getattr(self, SECTION_OF[name]), name) for name in KNOBS}
-        return {"method": self.method, **values}
+        return {"method": self.method, **values, "hyperparameters": dict(self.loss.params)}
 
     def to_dict(self) -> dict[str, Any]:
         """The exported form: one mapping per section (portable: the device is not part of it)."""
@@ -340,7 +255,8 @@ class RunConfig:
         unknown = set(values) - set(KNOBS) - {"method", "hyperparameters", "device"}
         if unknown:
             raise UserError(f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(KNOBS))}")
-        hyperparameters = values.pop("hyperparameters", None) or {}
+        hyperparameters = values.pop("hyperparameters", None)
+        hyperparameters = {} if hyperparameters is None else hyperparameters
         if not isinstance(hyperparameters, Mapping):
             raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {hyperparameters!r}")
         hyperparameters = dict(hyperparameters)

@@ -7,21 +7,15 @@ once into float32, and batched by index, as airbench does. No DataLoader, no per
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
-import pickle
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from kdsearch.config import DATASETS
+from kdsearch.decode import DecodedDataset, decode_dataset
 from kdsearch.errors import UserError
-from kdsearch.fsutil import atomic_write
 
 # The tutorial normalises every 3-channel image with ImageNet's statistics; we keep that so a
 # tutorial checkpoint sees the inputs it was trained on.
@@ -31,19 +25,6 @@ TUTORIAL_STD = (0.229, 0.224, 0.225)
 # The validation split never depends on the training seed: every trial of a study, whatever its
 # seed, must be judged on the same images.
 SPLIT_SEED = 0
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-@dataclass
-class DecodedDataset:
-    """A whole dataset as uint8 tensors (N, C, H, W) plus int64 labels, before any split."""
-
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-    classes: list[str]
-    fingerprint: str
 
 
 @dataclass
@@ -112,11 +93,6 @@ class TensorSplits:
         )
 
 
-def default_data_dir(dataset: str) -> Path:
-    """Where torchvision-format datasets are downloaded when ``--data-dir`` is not given."""
-    return Path(os.environ.get("KDSEARCH_DATA", "data")) / dataset
-
-
 def load_splits(
     dataset: str,
     data_dir: str | os.PathLike[str] | None,
@@ -178,258 +154,3 @@ def _normalisation(decoded: DecodedDataset) -> tuple[tuple[float, ...], tuple[fl
     mean = tuple(round(float(v), 4) for v in pixels.mean(dim=1))
     std = tuple(round(float(v), 4) for v in pixels.std(dim=1))
     return mean, std
-
-
-# --- decoding -------------------------------------------------------------------------------
-
-
-def decode_dataset(
-    dataset: str, data_dir: str | os.PathLike[str] | None, *, cache_dir: str | os.PathLike[str] | None = None
-) -> DecodedDataset:
-    """Decode ``dataset`` into uint8 tensors, from the decoded cache when it is still current."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "imagefolder":
-        if data_dir is None:
-            raise UserError("--dataset imagefolder needs --data-dir (a folder with train/<class>/ and test/<class>/)")
-        return _decode_imagefolder(Path(data_dir), cache_dir)
-    root = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
-    if dataset == "fashion-mnist":
-        return _decode_fashion_mnist(root)
-    return _decode_cifar(dataset, root)
-
-
-def _content_fingerprint(*tensors: Tensor) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _download_error(name: str, root: Path, exc: Exception) -> UserError:
-    return UserError(
-        f"{name} is not in {root} and could not be downloaded ({type(exc).__name__}); "
-        f"point --data-dir at a local copy, or use --dataset imagefolder --data-dir DIR"
-    )
-
-
-def _decode_cifar(dataset: str, root: Path) -> DecodedDataset:
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-    name = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
-    try:
-        train = cls(str(root), train=True, download=False)
-        test = cls(str(root), train=False, download=False)
-    except RuntimeError:
-        try:
-            train = cls(str(root), train=True, download=True)
-            test = cls(str(root), train=False, download=True)
-        except (OSError, RuntimeError) as exc:  # URLError is an OSError
-            raise _download_error(name, root, exc) from None
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise UserError(f"{name} files in {root} are corrupt ({exc}); delete them and retry") from None
-    train_images = torch.from_numpy(np.ascontiguousarray(train.data.transpose(0, 3, 1, 2)))
-    test_images = torch.from_numpy(np.ascontiguousarray(test.data.transpose(0, 3, 1, 2)))
-    train_labels = torch.tensor(train.targets, dtype=torch.int64)
-    test_labels = torch.tensor(test.targets, dtype=torch.int64)
-    fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
-    return DecodedDataset(train_images, train_labels, test_images, test_labels, list(train.classes), fingerprint)
-
-
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-FASHION_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def _find_idx_folder(root: Path) -> Path | None:
-    """A folder holding the four idx files, gzipped or not: ``root`` itself or torchvision's layout."""
-    for folder in (root, root / "FashionMNIST" / "raw"):
-        if all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in FASHION_FILES.values()):
-            return folder
-    return None
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an idx file of unsigned bytes")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
-    if len(raw) - offset != expected:
-        raise UserError(f"{path} is truncated: expected {expected} bytes of data, found {len(raw) - offset}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-def _decode_fashion_mnist(root: Path) -> DecodedDataset:
-    folder = _find_idx_folder(root)
-    if folder is None:
-        from torchvision import datasets
-
-        try:
-            datasets.FashionMNIST(str(root), train=True, download=True)
-            datasets.FashionMNIST(str(root), train=False, download=True)
-        except (OSError, RuntimeError) as exc:
-            raise _download_error("Fashion-MNIST", root, exc) from None
-        folder = _find_idx_folder(root)
-        assert folder is not None
-    arrays = {}
-    for key, stem in FASHION_FILES.items():
-        path = folder / stem if (folder / stem).exists() else folder / f"{stem}.gz"
-        arrays[key] = _read_idx(path)
-    train_images = torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1)
-    test_images = torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1)
-    train_labels = torch.from_numpy(arrays["train_labels"].astype(np.int64))
-    test_labels = torch.from_numpy(arrays["test_labels"].astype(np.int64))
-    if len(train_images) != len(train_labels) or len(test_images) != len(test_labels):
-        raise UserError(f"Fashion-MNIST files in {folder} disagree on the number of images and labels")
-    fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
-    return DecodedDataset(train_images, train_labels, test_images, test_labels, list(FASHION_CLASSES), fingerprint)
-
-
-def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """Classes and ``(path, label, size, mtime_ns)`` per image file, by one scandir per folder."""
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir} is missing: an image folder needs train/<class>/ and test/<class>/")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise UserError(f"{split_dir} holds no class folders")
-    files: list[tuple[str, int, int, int]] = []
-    for label, name in enumerate(classes):
-        entries = sorted(os.scandir(split_dir / name), key=lambda e: e.name)
-        for entry in entries:
-            if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
-                stat = entry.stat()
-                files.append((entry.path, label, stat.st_size, stat.st_mtime_ns))
-    if not files:
-        raise UserError(f"{split_dir} holds no image files")
-    return classes, files
-
-
-def _imagefolder_fingerprint(files: list[tuple[str, int, int, int]], root: Path) -> str:
-    """Cheap stamp of one copy of an image folder: every file's relative path, label, size and mtime."""
-    digest = hashlib.sha256()
-    prefix = len(str(root)) + 1
-    for path, label, size, mtime in files:
-        digest.update(f"{path[prefix:]}\0{size}\0{mtime}\0{label}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
-    """Decode with torchvision's native decoders (JPEGs in one batched call: ~4x PIL's speed).
-
-    The first image decides grayscale or RGB; every image must share its size.
-    """
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates torchvision.io in favour of torchcodec; it is still the fastest
-        # JPEG path for torch<=2.14 here, and the decoded cache means it runs once per dataset.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_files_quietly(files)
-
-
-def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-
-    def fail(path: str, exc: Exception) -> UserError:
-        return UserError(f"cannot decode image {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
-
-    raw = [read_file(path) for path, *_ in files]
-    try:
-        first = decode_image(raw[0], mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as exc:
-        raise fail(files[0][0], exc) from None
-    mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
-    is_jpeg = [os.path.splitext(path)[1].lower() in (".jpg", ".jpeg") for path, *_ in files]
-    decoded: list[Tensor | None] = [None] * len(files)
-    jpeg_positions = [i for i, flag in enumerate(is_jpeg) if flag]
-    if jpeg_positions:
-        try:
-            for i, image in zip(jpeg_positions, decode_jpeg([raw[i] for i in jpeg_positions], mode=mode), strict=True):
-                decoded[i] = image
-        except RuntimeError:
-            pass  # one bad file fails the batch; the per-file pass below names it
-    for i, image in enumerate(decoded):
-        if image is None:
-            try:
-                decoded[i] = decode_image(raw[i], mode=mode)
-            except RuntimeError as exc:
-                raise fail(files[i][0], exc) from None
-    size = decoded[0].shape[1:]
-    for (path, *_), image in zip(files, decoded, strict=True):
-        if image.shape[1:] != size:
-            raise UserError(
-                f"images differ in size: {path} is {image.shape[2]}x{image.shape[1]}, "
-                f"earlier ones are {size[1]}x{size[0]}; resize the folder to one size first"
-            )
-    labels = torch.tensor([label for _, label, *_ in files], dtype=torch.int64)
-    return torch.stack(decoded), labels
-
-
-def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) -> DecodedDataset:
-    if not root.is_dir():
-        raise UserError(f"data dir {root} does not exist")
-    classes, train_files = _list_imagefolder(root / "train")
-    test_classes, test_files = _list_imagefolder(root / "test")
-    if test_classes != classes:
-        raise UserError(f"{root}/test has classes {test_classes}, but {root}/train has {classes}")
-    # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy; the
-    # dataset's identity is the hash of the decoded pixels, equal for every copy on every host, so
-    # workers on several machines agree on the study and the teacher.
-    listing = _imagefolder_fingerprint(train_files + test_files, root)
-    cache_path = Path(cache_dir) / "data" / f"imagefolder-{listing}.pt" if cache_dir is not None else None
-    if cache_path is not None and cache_path.exists():
-        try:
-            blob = torch.load(cache_path, weights_only=True)
-            if blob.get("listing") == listing:
-                return DecodedDataset(
-                    blob["train_images"],
-                    blob["train_labels"],
-                    blob["test_images"],
-                    blob["test_labels"],
-                    list(blob["classes"]),
-                    str(blob["fingerprint"]),
-                )
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
-            pass
-    train_images, train_labels = _decode_files(train_files)
-    test_images, test_labels = _decode_files(test_files)
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise UserError(
-            f"train images are {tuple(train_images.shape[1:])} but test images {tuple(test_images.shape[1:])}"
-        )
-    fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
-    decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
-    if cache_path is not None:
-        blob = {
-            "listing": listing,
-            "fingerprint": fingerprint,
-            "classes": classes,
-            "train_images": train_images,
-            "train_labels": train_labels,
-            "test_images": test_images,
-            "test_labels": test_labels,
-        }
-        atomic_write(cache_path, lambda tmp: torch.save(blob, tmp))
-    return decoded

@@ -216,23 +216,9 @@ def fit(
         bar = stack.enter_context(_progress(progress, recipe.epochs * run.steps_per_epoch))
         for epoch in range(1, recipe.epochs + 1):
             start = time.perf_counter()
-            model.train()
-            loss_fn.train()
-            running = torch.zeros((), device=device)
-            steps = 0
-            for steps, batch in enumerate(
-                batches(len(train), recipe.batch_size, recipe.augment, order, views, device), 1
-            ):
-                loss = run.step(batch, (epoch - 1) * run.steps_per_epoch + steps - 1)
-                running += loss
-                if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(running):
-                    raise DivergedError(epoch, steps, float(loss))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_description(f"epoch {epoch}/{recipe.epochs}")
-            mean_loss = float(running) / max(steps, 1)
-            if not torch.isfinite(running):
-                raise DivergedError(epoch, steps, mean_loss)
+            mean_loss = train_epoch(
+                run, epoch, batches(len(train), recipe.batch_size, recipe.augment, order, views, device), bar
+            )
             val_accuracy = evaluate(model, val, device) if val is not None else None
             report = EpochReport(epoch, mean_loss, val_accuracy, time.perf_counter() - start)
             reports.append(report)
@@ -243,6 +229,26 @@ def fit(
             if on_epoch is not None:
                 on_epoch(report)
     return reports
+
+
+def train_epoch(run: Training, epoch: int, epoch_batches: Iterator[Batch], bar: Any) -> float:
+    """One pass over the batches; the mean loss. A non-finite loss stops the run (``DivergedError``)."""
+    run.model.train()
+    run.loss_fn.train()
+    running = torch.zeros((), device=run.device)
+    steps = 0
+    for steps, batch in enumerate(epoch_batches, 1):
+        loss = run.step(batch, (epoch - 1) * run.steps_per_epoch + steps - 1)
+        running += loss
+        if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(running):
+            raise DivergedError(epoch, steps, float(loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_description(f"epoch {epoch}/{run.recipe.epochs}")
+    mean_loss = float(running) / max(steps, 1)
+    if not torch.isfinite(running):
+        raise DivergedError(epoch, steps, mean_loss)
+    return mean_loss
 
 
 def _progress(enabled: bool, total: int) -> AbstractContextManager[Any]:

@@ -240,8 +240,9 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
     for name, param in space.items():
         if isinstance(param, FloatDistribution):
             lo, hi = (math.log(param.low), math.log(param.high)) if param.log else (param.low, param.high)
-            points = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
-            grid[name] = sorted({math.exp(p) if param.log else p for p in points})
+            inner = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(1, GRID_POINTS - 1)]
+            # The ends exactly: exp(log(x)) may land a rounding step outside the range.
+            grid[name] = sorted({param.low, param.high, *(math.exp(p) if param.log else p for p in inner)})
         elif isinstance(param, IntDistribution):
             if (param.high - param.low) // param.step + 1 > MAX_GRID_POINTS:
                 raise UserError(f"--sampler grid: {name} has more than {MAX_GRID_POINTS:,} values; narrow it")

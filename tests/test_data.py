@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.data import TUTORIAL_MEAN, TUTORIAL_STD, decode_dataset, load_splits
+from kdsearch.data import TUTORIAL_MEAN, TUTORIAL_STD, load_splits
+from kdsearch.decode import decode_dataset
 from kdsearch.errors import UserError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

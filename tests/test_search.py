@@ -252,10 +252,11 @@ def test_presets_mirror_the_strategies_defaults() -> None:
         assert data["parameters"] == space_to_dict(default_space(get_strategy(name))), name
 
 
-def test_dashboard_lists_the_study(
+def test_dashboard_lists_the_study_and_its_trials_parameters(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(optimize(pattern_folder, pattern_teacher, "--method", "kd", "--trials", "1"), capsys)[0] == 0
+    args = ["--method", "dkd", "--trials", "1", "--study-name", "kd-imagefolder", "--epochs", "1"]
+    assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -276,6 +277,14 @@ def test_dashboard_lists_the_study(
                 time.sleep(0.5)
         assert body is not None, "dashboard did not answer"
         assert [s["study_name"] for s in body["study_summaries"]] == ["kd-imagefolder"]
+        study_id = body["study_summaries"][0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=10) as response:
+            detail = json.loads(response.read())
+        (trial,) = detail["trials"]
+        shown = {p["name"]: p["param_external_value"] for p in trial["params"]}
+        # DKD's weights and the recipe knobs every method searches are shown as the trial's parameters.
+        assert {"alpha", "beta", "temperature", "optimizer", "weight_decay", "label_smoothing"} <= set(shown)
+        assert (shown["alpha"], shown["beta"], shown["optimizer"]) == ("1.0", "8.0", "adam")  # trial 0: the tutorial
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -319,3 +328,84 @@ def test_the_default_search_teacher_holds_out_the_validation_images(pattern_fold
     assert sorted(p.name for p in (home / "teachers").glob("*.pt")) == sorted(
         [prepared.teacher_path.name, whole.teacher_path.name]
     )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "pruner", "pruner_class"),
+    [
+        ("random", "percentile", optuna.pruners.PercentilePruner),
+        ("cmaes", "hyperband", optuna.pruners.HyperbandPruner),
+        ("grid", "none", optuna.pruners.NopPruner),
+    ],
+)
+def test_every_sampler_and_pruner_runs_a_study(
+    sampler: str,
+    pruner: str,
+    pruner_class: type,
+    pattern_folder: Path,
+    pattern_teacher: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kdsearch.config import SearchConfig
+    from kdsearch.study import make_pruner
+
+    assert isinstance(make_pruner(SearchConfig(trials=1, pruner=pruner), epochs=2), pruner_class)
+    pins = ["--fix", "optimizer=adam", "--fix", "weight_decay=0", "--fix", "label_smoothing=0", "--fix", "augment=none"]
+    args = ["--method", "ce", "--trials", "3", "--sampler", sampler, "--pruner", pruner, "--sampler-seed", "3"]
+    code, _, err = run_cli(optimize(pattern_folder, pattern_teacher, *args, *pins), capsys)
+    assert code == 0, err
+    trials = load(home, "ce-imagefolder").get_trials()
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    lrs = [t.params["lr"] for t in trials]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    if sampler == "grid":  # no baseline trial; every trial a distinct point of the grid
+        grid = [1e-4, 10 ** (-4 + 2 / 3), 10 ** (-4 + 4 / 3), 1e-2]
+        assert len({(t.params["lr"], t.params["lr_schedule"]) for t in trials}) == 3
+        assert all(any(lr == pytest.approx(point) for point in grid) for lr in lrs)
+        assert not any("baseline" in t.user_attrs for t in trials)
+    else:
+        assert trials[0].user_attrs["baseline"] == "tutorial" and len(set(lrs)) == 3
+
+
+def test_random_sampler_seed_makes_a_study_repeatable(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--sampler-seed fixes the proposals; without it each process draws its own seed."""
+
+    def proposals(name: str, *seed: str) -> list[dict]:
+        args = ["--method", "ce", "--trials", "2", "--sampler", "random", "--no-baseline", "--study-name", name]
+        assert run_cli(optimize(pattern_folder, pattern_teacher, *args, *seed, "--epochs", "1"), capsys)[0] == 0
+        return [t.params for t in load(home, name).get_trials()]
+
+    assert proposals("a", "--sampler-seed", "5") == proposals("b", "--sampler-seed", "5")
+    assert proposals("c") != proposals("d")
+
+
+def test_timeout_alone_bounds_a_study(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(
+        optimize(pattern_folder, pattern_teacher, "--method", "ce", "--timeout", "0.5", "--epochs", "1", "--json"),
+        capsys,
+    )
+    assert code == 0, err
+    trials = load(home, "ce-imagefolder").get_trials()
+    # Optuna checks the timeout between trials: the first trial runs, no trial is left running.
+    assert len(trials) >= 1 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert json.loads(out)["complete"] == len(trials)
+
+
+def test_latency_objective_is_measured_and_minimised(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--method", "kd", "--trials", "2", "--objectives", "accuracy,latency", "--epochs", "1", "--json"]
+    code, out, err = run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)
+    assert code == 0, err
+    study = load(home, "kd-imagefolder")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert study.metric_names == ["accuracy", "latency"]
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert trial.values[1] == trial.user_attrs["latency_ms"] > 0
+        assert 0.25 <= trial.params["width"] <= 2.0  # a size objective searches the width
+    assert json.loads(out)["objectives"] == ["accuracy", "latency"]
