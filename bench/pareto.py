@@ -125,6 +125,7 @@ def main() -> int:
         )
     ce, _ = kdsearch("train", "--method", "ce", *data, "--json", "-q")
     import optuna
+
     from kdsearch.storage import default_storage_url
 
     study = optuna.load_study(study_name=args.study_name, storage=default_storage_url())

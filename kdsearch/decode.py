@@ -30,6 +30,7 @@ def default_data_dir(dataset: str) -> Path:
     """Where torchvision-format datasets are downloaded when ``--data-dir`` is not given."""
     return Path(os.environ.get("KDSEARCH_DATA", "data")) / dataset
 
+
 @dataclass
 class DecodedDataset:
     """A whole dataset as uint8 tensors (N, C, H, W) plus int64 labels, before any split."""
@@ -40,7 +41,6 @@ class DecodedDataset:
     test_labels: Tensor
     classes: list[str]
     fingerprint: str
-
 
 
 def decode_dataset(
