@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,21 +46,42 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not target.is_file():
         raise UserError(f"checkpoint {target} does not exist")
     try:
-        blob = torch.load(target, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it is about to refuse: the refusal says enough.
+            warnings.simplefilter("ignore", UserWarning)
+            blob = torch.load(target, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the file's fault, not ours
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if not zipfile.is_zipfile(target) and not text.startswith(("Weights only load failed", "Unsupported")):
+            reason = "not a torch checkpoint file (truncated, or another format)"
+        elif "Unsupported global" in text or "weights_only" in text.lower():
             reason = "it holds pickled objects other than tensors, refused for safety (weights_only=True)"
+        else:
+            reason = f"the file is damaged or truncated ({reason[:120]})"
         raise UserError(f"cannot load checkpoint {target}: {reason}") from None
     if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        state_dict = blob.get("state_dict")
         try:
             metadata = json.loads(blob["metadata"])
         except (KeyError, TypeError, json.JSONDecodeError):
             raise UserError(f"checkpoint {target} has unreadable metadata") from None
-        return Checkpoint(dict(blob["state_dict"]), metadata)
-    if isinstance(blob, dict) and blob and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in blob.items()):
+        if not isinstance(metadata, dict):
+            raise UserError(f"checkpoint {target} has metadata of the wrong shape (not a mapping)")
+        if not _is_state_dict(state_dict):
+            raise UserError(f"checkpoint {target} holds no state_dict of named tensors")
+        return Checkpoint(dict(state_dict), metadata)
+    if _is_state_dict(blob):
         return Checkpoint(dict(blob), {})
     raise UserError(f"checkpoint {target} is neither a kdsearch checkpoint nor a state_dict")
+
+
+def _is_state_dict(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+    )
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint, *, source: str, model_name: str) -> None:

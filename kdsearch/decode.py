@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kdsearch.config import DATASETS
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, warn
 from kdsearch.fsutil import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -209,13 +209,33 @@ def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tenso
         return _decode_files_quietly(files)
 
 
+def _read(path: str) -> Tensor:
+    from torchvision.io import read_file
+
+    if os.path.getsize(path) == 0:
+        raise UserError(f"cannot decode image {path}: the file is empty")
+    try:
+        return read_file(path)
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _eight_bit(image: Tensor | None) -> Tensor:
+    """16-bit PNGs decode to uint16: scaled to 8 bits like every other image (0..65535 → 0..255)."""
+    assert image is not None
+    if image.dtype == torch.uint8:
+        return image
+    top = float(torch.iinfo(image.dtype).max)
+    return (image.to(torch.float64) * (255.0 / top)).round().to(torch.uint8)
+
+
 def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     def fail(path: str, exc: Exception) -> UserError:
         return UserError(f"cannot decode image {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
 
-    raw = [read_file(path) for path, *_ in files]
+    raw = [_read(path) for path, *_ in files]
     try:
         first = decode_image(raw[0], mode=ImageReadMode.UNCHANGED)
     except RuntimeError as exc:
@@ -236,6 +256,7 @@ def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tenso
                 decoded[i] = decode_image(raw[i], mode=mode)
             except RuntimeError as exc:
                 raise fail(files[i][0], exc) from None
+    decoded = [_eight_bit(image) for image in decoded]
     size = decoded[0].shape[1:]
     for (path, *_), image in zip(files, decoded, strict=True):
         if image.shape[1:] != size:
@@ -245,6 +266,27 @@ def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tenso
             )
     labels = torch.tensor([label for _, label, *_ in files], dtype=torch.int64)
     return torch.stack(decoded), labels
+
+
+def _read_decode_cache(path: Path, listing: str) -> DecodedDataset | None:
+    """The cached decode, verified: its pixels must hash to the fingerprint stored beside them.
+
+    A cache whose bytes changed on disk (a bad sector, a stray write) would silently change every
+    result, so it is rebuilt, with one warning line; a cache of another listing is simply replaced.
+    """
+    try:
+        blob = torch.load(path, weights_only=True)
+        if blob.get("listing") != listing:
+            return None
+        tensors = (blob["train_images"], blob["train_labels"], blob["test_images"], blob["test_labels"])
+        fingerprint = str(blob["fingerprint"])
+        verified = _content_fingerprint(*tensors) == fingerprint
+    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
+        verified = False
+    if not verified:
+        warn(f"decoded-image cache {path} is corrupt; decoding the images again")
+        return None
+    return DecodedDataset(*tensors, list(blob["classes"]), fingerprint)
 
 
 def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) -> DecodedDataset:
@@ -260,19 +302,9 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
     listing = _imagefolder_fingerprint(train_files + test_files, root)
     cache_path = Path(cache_dir) / "data" / f"imagefolder-{listing}.pt" if cache_dir is not None else None
     if cache_path is not None and cache_path.exists():
-        try:
-            blob = torch.load(cache_path, weights_only=True)
-            if blob.get("listing") == listing:
-                return DecodedDataset(
-                    blob["train_images"],
-                    blob["train_labels"],
-                    blob["test_images"],
-                    blob["test_labels"],
-                    list(blob["classes"]),
-                    str(blob["fingerprint"]),
-                )
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
-            pass
+        cached = _read_decode_cache(cache_path, listing)
+        if cached is not None:
+            return cached
     train_images, train_labels = _decode_files(train_files)
     test_images, test_labels = _decode_files(test_files)
     if train_images.shape[1:] != test_images.shape[1:]:

@@ -22,6 +22,13 @@ class ConfigError(UserError):
         self.problem = problem
 
 
+def warn(message: str) -> None:
+    """One line on stderr for something the user should know that does not stop the run."""
+    import sys
+
+    print(f"kdsearch: warning: {message}", file=sys.stderr, flush=True)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so Optuna closes the running trial (as failed) before we exit."""
 

@@ -20,8 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import UserError
-from kdsearch.fsutil import atomic_write
-from kdsearch.storage import load_existing_study
+from kdsearch.fsutil import atomic_write, refuse_overwriting_inputs
+from kdsearch.storage import load_existing_study, sqlite_path
 
 
 def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]]:
@@ -50,10 +50,13 @@ def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the matplotlib plots' experimental notice and PED-ANOVA's reminder (we negate accuracy)."""
+    """Silence the plots' experimental notices and warnings (PED-ANOVA's reminder: we negate accuracy)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        # Optuna's and matplotlib's notes on small or multi-objective studies (too few trials for a
+        # plot, a target needed…) would break the one-line promise; a plot that cannot be drawn is
+        # listed with its reason instead.
+        warnings.simplefilter("ignore", UserWarning)
         yield
 
 
@@ -79,7 +82,13 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     """Write the HTML report (and PNGs); returns which plots were drawn and which were skipped, why."""
     if Path(output).suffix not in (".html", ".htm"):
         raise UserError(f"-o {output}: the report file must end in .html")
-    study, _ = load_existing_study(storage_url, study_name)
+    study, url = load_existing_study(storage_url, study_name)
+    refuse_overwriting_inputs({"-o": output}, (sqlite_path(url),))
+    if png_dir is not None:
+        folder = Path(png_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--png {png_dir} is a file, not a folder")
+        refuse_overwriting_inputs({"--png": folder / "plot.png"}, ())
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise UserError(f"study {study_name!r} has no completed trial to report on")
     import optuna.visualization as plotly_plots

@@ -24,7 +24,7 @@ from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DataConfig, RecipeConfig
 from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
-from kdsearch.fsutil import file_sha256
+from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import CrossEntropy, WeightedSum
 from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
@@ -111,6 +111,7 @@ def train_teacher(
 def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = False) -> dict[str, Any]:
     """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
     resolve_model_class(config.model)
+    refuse_overwriting_inputs({"--out": out}, (config.data.data_dir,))
     device = resolve_device(config.device)
     data = config.data
     splits = load_splits(

@@ -22,6 +22,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
+from kdsearch.errors import warn
 from kdsearch.fsutil import atomic_write
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
@@ -29,7 +30,7 @@ from kdsearch.taps import FeatureTap
 if TYPE_CHECKING:
     from kdsearch.data import TensorSplits
 
-CACHE_FORMAT = "kdsearch-teacher-outputs/1"
+CACHE_FORMAT = "kdsearch-teacher-outputs/2"  # /2: with a SHA-256 of the tensors
 
 
 def pick_rows(flip: Tensor | None, plain: Tensor, flipped: Tensor) -> Tensor:
@@ -133,7 +134,17 @@ def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, l
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def content_digest(*tensors: Tensor | None) -> str:
+    """SHA-256 of the tensors' bytes: stored with a cache and checked when it is read."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is not None:
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _read_cache(path: str, key: str, rows: int, layer: str | None) -> TeacherOutputs | None:
+    """The cached outputs if they are this key's and intact; a corrupt file is rebuilt with one warning."""
     try:
         # Memory-mapped: worker processes on one machine share the pages instead of each holding a copy.
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -142,9 +153,13 @@ def _read_cache(path: str, key: str, rows: int, layer: str | None) -> TeacherOut
         logits, features = blob["logits"], blob.get("features")
         if logits.shape[0] != rows or (layer is not None and (features is None or features.shape[0] != rows)):
             return None
-        return TeacherOutputs(logits, features, layer)
-    except Exception:  # noqa: BLE001 - truncated or corrupt: rebuild rather than trust it
+        intact = content_digest(logits, features) == blob.get("sha256")
+    except Exception:  # noqa: BLE001 - truncated or unreadable: rebuild rather than trust it
+        intact = False
+    if not intact:
+        warn(f"teacher-output cache {path} is corrupt; computing the teacher's outputs again")
         return None
+    return TeacherOutputs(logits, features, layer)
 
 
 @dataclass
@@ -189,6 +204,12 @@ def _view_outputs(
         if outputs is not None:
             return outputs, False
         outputs = compute_teacher_outputs(teacher, splits.train.images, layer, device, mirrored=view == "mirrored")
-        blob = {"format": CACHE_FORMAT, "key": key, "logits": outputs.logits, "features": outputs.features}
+        blob = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "logits": outputs.logits,
+            "features": outputs.features,
+            "sha256": content_digest(outputs.logits, outputs.features),
+        }
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
         return outputs, True
