@@ -235,8 +235,10 @@ def train(
     """Run one distillation with given hyperparameters and report test accuracy."""
     from kdsearch.distill import run_training
     from kdsearch.export import load_config
+    from kdsearch.fsutil import refuse_overwriting_inputs
     from kdsearch.spaces import parse_assignments
 
+    refuse_overwriting_inputs({"--out": out}, (config_path,))
     hp = parse_assignments(hp_items, "--hp")
     if config_path is None:
         flat = values | {"hyperparameters": hp}
@@ -246,7 +248,7 @@ def train(
         flat = base.flat() | {"device": base.device} | given | {"hyperparameters": dict(base.loss.params) | hp}
     config = run_config(flat)
     out_path = Path(out) if out else None
-    result = run_training(config, out=out_path, inputs=(config_path,), progress=not quiet and not as_json, log=log)
+    result = run_training(config, out=out_path, progress=not quiet and not as_json, log=log)
     emit(
         result,
         as_json,

@@ -175,13 +175,12 @@ def run_training(
     config: RunConfig,
     *,
     out: Path | None = None,
-    inputs: tuple[str | None, ...] = (),
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
     if out is not None:
-        refuse_overwriting_inputs({"--out": out}, (config.models.teacher, config.data.data_dir, *inputs))
+        refuse_overwriting_inputs({"--out": out}, (config.models.teacher, config.data.data_dir))
     prepared = prepare(config, progress=progress, log=log)
     result = train_student(prepared, progress=progress)
     test = evaluate(result.model, prepared.splits.test, prepared.device)

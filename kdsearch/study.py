@@ -349,11 +349,19 @@ def run_workers(plan: SearchPlan, study: optuna.Study, bar: TrialProgress) -> No
 
 
 def _stop_workers(workers: list[Any], *, forward: bool) -> None:
-    """Let every worker close its running trial: SIGTERM to each (Ctrl-C reached them already), then wait."""
-    if forward:
+    """Let every worker close its running trial, then make sure none is left.
+
+    SIGTERM reached this process only: it is passed on at once. Ctrl-C in a terminal reached the
+    whole process group, so the workers are already closing their trials; those that are still
+    running after a moment (the signal was sent to this process alone) get SIGTERM too.
+    """
+    if not forward:
+        deadline = time.monotonic() + 2.0
         for process in workers:
-            if process.is_alive():
-                process.terminate()
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
     deadline = time.monotonic() + WORKER_GRACE_SECONDS
     for process in workers:
         process.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.distributions import FloatDistribution
 
-from kdsearch.checkpoints import save_checkpoint
+from kdsearch.checkpoints import FORMAT, save_checkpoint
+from kdsearch.config import RunConfig
 from kdsearch.models import DeepNN, LightNN
 from tests.helpers import files_under, run_cli
 
@@ -25,7 +30,36 @@ def error_env(tmp_path: Path, pattern_folder: Path, pattern_teacher: Path, home:
     (tmp_path / "space-type.yaml").write_text("parameters:\n  temperature: {type: categorical, choices: [1, 2]}\n")
     (tmp_path / "space-value.yaml").write_text("parameters:\n  temperature: {type: float, low: -1, high: 2}\n")
     (tmp_path / "evil.pt").write_bytes(b"\x80\x04not a checkpoint")
+    (tmp_path / "truncated.pt").write_bytes(pattern_teacher.read_bytes()[:5000])
+    (tmp_path / "seed.yaml").write_text("recipe: {seed: abc}\n")
+    (tmp_path / "space-step.yaml").write_text("parameters:\n  depth: {type: int, low: 1, high: 3, step: 5}\n")
+    (tmp_path / "dir.html").mkdir()
+    (tmp_path / "dir.yaml").mkdir()
+    save_checkpoint(tmp_path / "code.pt", LightNN(), {"model": "sys:exit", "width": 1.0})
+    save_checkpoint(tmp_path / "code-teacher.pt", DeepNN(), {"model": "os:abort", "num_classes": 10})
+    save_checkpoint(tmp_path / "width.pt", LightNN(), {"model": "lightnn", "width": "abc"})
+    for name, state, meta in (("list-meta.pt", LightNN().state_dict(), "[]"), ("str-state.pt", "weights", "{}")):
+        torch.save({"format": FORMAT, "state_dict": state, "metadata": meta}, tmp_path / name)
+    with sqlite3.connect(tmp_path / "other.db") as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER)")
+    zero = tmp_path / "zero"
+    for split in ("train", "test"):
+        shutil.copytree(pattern_folder / split / "class0", zero / split / "class0")
+    (zero / "train" / "class0" / "empty.png").write_bytes(b"")
+    _kdsearch_and_plain_studies(f"sqlite:///{tmp_path / 'c.db'}")
     return {"data": str(pattern_folder), "teacher": str(pattern_teacher), "tmp": str(tmp_path)}
+
+
+def _kdsearch_and_plain_studies(url: str) -> None:
+    """A study as kdsearch records one (named s, one complete trial) and one made by plain Optuna."""
+    config = RunConfig.from_flat({"method": "kd", "dataset": "imagefolder"}, origin="test")
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    for key, value in (config.flat() | {"objectives": ["accuracy"]}).items():
+        study.set_user_attr(key, value)
+    study.add_trial(
+        optuna.trial.create_trial(params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-4, 1e-2)}, value=50.0)
+    )
+    optuna.create_study(study_name="plain", storage=url, direction="minimize").optimize(lambda t: 1.0, n_trials=1)
 
 
 DATA = ["--dataset", "imagefolder", "--data-dir", "{data}", "--val-size", "50"]
@@ -83,6 +117,82 @@ CASES = {
     "search without validation": ([*OPT, "--method", "kd", "--val-size", "0"], "needs a validation split"),
     "search unknown layer": ([*OPT, "--method", "cosine", "--teacher-layer", "nope"], "no layer 'nope'"),
     "export unknown study": (["export", "--study-name", "nope"], "no study named 'nope'"),
+    # Nothing lost: no output may be an input of the same command, a folder, or below a file.
+    "train --out is the teacher": ([*TRAIN[:-2], "--out", "{teacher}"], "is one of this command's inputs"),
+    "train --out is the config": (
+        ["train", "--config", "{tmp}/seed.yaml", "--out", "{tmp}/seed.yaml"],
+        "is one of this command's inputs",
+    ),
+    "train --out onto a folder": ([*TRAIN[:-2], "--out", "{tmp}/empty"], "is a directory"),
+    "train --out below a file": ([*TRAIN[:-2], "--out", "{tmp}/bad.yaml/x.pt"], "bad.yaml is a file, not a folder"),
+    "teacher --out below a file": (["teacher", *DATA, "--out", "{tmp}/bad.yaml/t.pt"], "is a file, not a folder"),
+    "export --checkpoint is the storage": (
+        ["export", "--study-name", "s", "--storage", "sqlite:///{tmp}/c.db", "--checkpoint", "{tmp}/c.db"],
+        "is one of this command's inputs",
+    ),
+    "export -o onto a folder": (
+        ["export", "--study-name", "s", "--storage", "sqlite:///{tmp}/c.db", "-o", "{tmp}/dir.yaml"],
+        "is a directory",
+    ),
+    "report -o onto a folder": (
+        ["report", "--study-name", "s", "--storage", "sqlite:///{tmp}/c.db", "-o", "{tmp}/dir.html"],
+        "is a directory",
+    ),
+    "report --png below a file": (
+        [
+            "report",
+            "--study-name",
+            "s",
+            "--storage",
+            "sqlite:///{tmp}/c.db",
+            "-o",
+            "{tmp}/r.html",
+            "--png",
+            "{tmp}/bad.yaml/png",
+        ],
+        "is a file, not a folder",
+    ),
+    # Nothing run: a checkpoint never names code.
+    "checkpoint naming code (evaluate)": (["evaluate", "--checkpoint", "{tmp}/code.pt", *DATA], "never chooses code"),
+    "checkpoint naming code (teacher)": ([*TRAIN, "--teacher", "{tmp}/code-teacher.pt"], "never chooses code"),
+    "checkpoint width not a number": (["evaluate", "--checkpoint", "{tmp}/width.pt", *DATA], "records width 'abc'"),
+    "checkpoint metadata a list": (["evaluate", "--checkpoint", "{tmp}/list-meta.pt", *DATA], "wrong shape"),
+    "checkpoint state_dict a string": (["evaluate", "--checkpoint", "{tmp}/str-state.pt", *DATA], "no state_dict"),
+    "truncated checkpoint": ([*TRAIN, "--teacher", "{tmp}/truncated.pt"], "not a torch checkpoint file"),
+    # Nothing duplicated or mixed up.
+    "study not made by kdsearch (export)": (
+        ["export", "--study-name", "plain", "--storage", "sqlite:///{tmp}/c.db"],
+        "was not created by kdsearch",
+    ),
+    "study not made by kdsearch (optimize)": (
+        [*OPT, "--method", "kd", "--study-name", "plain", "--storage", "sqlite:///{tmp}/c.db"],
+        "was not created by kdsearch",
+    ),
+    "storage of something else": (["studies", "--storage", "sqlite:///{tmp}/other.db"], "of something else"),
+    "study name ..": ([*OPT, "--method", "kd", "--study-name", ".."], "--study-name must be 1-128 characters"),
+    "study name too long": ([*OPT, "--method", "kd", "--study-name", "n" * 300], "--study-name must be 1-128"),
+    # One line where a traceback used to be.
+    "config seed not a number": (["train", "--config", "{tmp}/seed.yaml"], "seed must be a number, got 'abc'"),
+    "negative seed": ([*TRAIN, "--seed", "-1"], "'--seed': -1 is not in the range"),
+    "seed past numpy's range": ([*OPT, "--method", "kd", "--seed", str(2**32)], "is not in the range"),
+    "huge kernel": ([*TRAIN, "--method", "regressor", "--hp", "kernel_size=10001"], "kernel_size must be at most 15"),
+    "huge width": ([*TRAIN, "--width", "100000"], "'--width': 100000.0 is not in the range"),
+    "weight above 1": ([*TRAIN, "--hp", "soft_target_weight=2"], "soft_target_weight must be at most 1"),
+    "teacher lr nan": (["teacher", *DATA, "--lr", "nan", "--out", "{tmp}/t.pt"], "--lr must be finite"),
+    "empty image file": (
+        ["train", "--method", "ce", "--dataset", "imagefolder", "--data-dir", "{tmp}/zero", "--val-size", "0"],
+        "the file is empty",
+    ),
+    "dashboard port out of range": (["dashboard", "--port", "70000"], "'--port': 70000 is not in the range"),
+    "storage port not a number": (
+        [*OPT, "--method", "kd", "--storage", "postgresql+psycopg2://u:secret@127.0.0.1:abc/db"],
+        "malformed storage URL",
+    ),
+    "int step past its range": (
+        [*OPT, "--method", "regressor", "--space", "{tmp}/space-step.yaml"],
+        "multiple of step",
+    ),
+    "grid too large": ([*OPT, "--method", "hybrid", "--sampler", "grid"], "more than 100,000"),
     "export bad suffix": (["export", "--study-name", "nope", "-o", "{tmp}/x.txt"], ".yaml, .yml or .json"),
 }
 
