@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from optuna.distributions import FloatDistribution
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 - torch's own convention
 
@@ -117,6 +118,11 @@ class TermKind:
     params: dict[str, Hyper] = field(default_factory=dict)
     uses_teacher_logits: bool = False
     uses_features: bool = False
+
+
+def mixing_weight(term: str) -> Hyper:
+    """The tutorial's one distillation weight w (CE gets 1 − w), at its hand-set 0.25, searched in [0, 1]."""
+    return hyper(0.25, f"Weight w of the {term}; CE gets 1 − w.", low=0.0, high=1.0, space=FloatDistribution(0.0, 1.0))
 
 
 CE_WEIGHT = hyper(None, "Weight of the cross-entropy term [default: 1 − w, or 1].", kind=float, low=0.0, optional=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import CategoricalDistribution
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper
+from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper, mixing_weight
 
 REDUCTIONS = ("avg", "max")
 
@@ -79,10 +79,6 @@ STRATEGY = Strategy(
     "cosine",
     "cosine loss between flattened hidden features, the larger pooled to the smaller",
     terms={"hidden_weight": COSINE},
-    weights={
-        "hidden_weight": hyper(
-            0.25, "Weight w of the cosine term; CE gets 1 − w.", low=0.0, high=1.0, space=FloatDistribution(0.0, 1.0)
-        )
-    },
+    weights={"hidden_weight": mixing_weight("cosine term")},
     mixed=True,
 )

@@ -15,7 +15,7 @@ from optuna.distributions import FloatDistribution
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper
+from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper, mixing_weight
 
 TEMPERATURE = hyper(
     2.0, "Softmax temperature T.", low=0.0, low_open=True, high=100.0, space=FloatDistribution(1.0, 8.0)
@@ -50,10 +50,6 @@ STRATEGY = Strategy(
     "kd",
     "soft targets: KL to the teacher's softened logits, scaled by T²",
     terms={"soft_target_weight": SOFT_TARGETS},
-    weights={
-        "soft_target_weight": hyper(
-            0.25, "Weight w of the soft targets; CE gets 1 − w.", low=0.0, high=1.0, space=FloatDistribution(0.0, 1.0)
-        )
-    },
+    weights={"soft_target_weight": mixing_weight("soft targets")},
     mixed=True,
 )

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, IntDistribution
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from kdsearch.errors import UserError
-from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper
+from kdsearch.losses import LossInputs, LossShapes, Strategy, Term, TermKind, hyper, mixing_weight
 
 DISTANCES = ("mse", "smooth_l1", "cosine")
 KERNEL_SIZES = (1, 3, 5)
@@ -117,14 +117,6 @@ STRATEGY = Strategy(
     "regressor",
     "trainable conv regressor from student to teacher feature map, matched by a distance",
     terms={"feature_weight": REGRESSOR},
-    weights={
-        "feature_weight": hyper(
-            0.25,
-            "Weight w of the regressor term; CE gets 1 − w.",
-            low=0.0,
-            high=1.0,
-            space=FloatDistribution(0.0, 1.0),
-        )
-    },
+    weights={"feature_weight": mixing_weight("regressor term")},
     mixed=True,
 )
