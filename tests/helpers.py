@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from kdsearch.teacher import LoadedTeacher
 from kdsearch.teacher_outputs import CachedOutputs, cached_teacher_outputs
 
 CPU = torch.device("cpu")
+# `make bench-gpu` runs the device tests with KDSEARCH_TEST_DEVICE=cuda; everywhere else they run on the CPU.
+TEST_DEVICE = torch.device(os.environ.get("KDSEARCH_TEST_DEVICE", "cpu"))
 RECIPE_FIELDS = set(RecipeConfig.__dataclass_fields__)
 
 
@@ -61,7 +64,11 @@ def train_with(prepared: Prepared, **values: Any) -> StudentResult:
 
 
 def fit_tiny(
-    train: Split, model: nn.Module | None = None, loss_fn: nn.Module | None = None, **settings: Any
+    train: Split,
+    model: nn.Module | None = None,
+    loss_fn: nn.Module | None = None,
+    device: torch.device = CPU,
+    **settings: Any,
 ) -> list[EpochReport]:
     """``fit`` on CPU with small defaults (1 epoch, batch 64, lr 1e-3, seed 0): a LightNN on CE unless given.
 
@@ -70,10 +77,10 @@ def fit_tiny(
     recipe = RecipeConfig(
         **({"epochs": 1, "batch_size": 64, "seed": 0} | {k: v for k, v in settings.items() if k in RECIPE_FIELDS})
     )
-    model = model if model is not None else prepare_module(LightNN(), CPU)
+    model = model if model is not None else prepare_module(LightNN(), device)
     loss_fn = loss_fn if loss_fn is not None else WeightedSum([(1.0, CrossEntropy())])
     rest = {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
-    return fit(model, loss_fn, train, recipe, device=CPU, **rest)
+    return fit(model, loss_fn, train, recipe, device=device, **rest)
 
 
 def outputs_of(teacher: LoadedTeacher, splits: Any, layer: str | None, *, mirrored: bool = False) -> CachedOutputs:

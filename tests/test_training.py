@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdsearch.checkpoints import load_checkpoint, save_checkpoint
-from kdsearch.config import RecipeConfig
+from kdsearch.config import RecipeConfig, RunConfig
 from kdsearch.data import load_splits
 from kdsearch.distill import prepare, train_student
 from kdsearch.errors import ConfigError, UserError
@@ -23,7 +23,7 @@ from kdsearch.strategies import get_strategy
 from kdsearch.strategies.cosine import CosineFeatures
 from kdsearch.teacher import load_teacher
 from kdsearch.teacher_outputs import TeacherOutputs, compute_teacher_outputs
-from tests.helpers import CPU, fit_tiny, outputs_of, pattern_config, train_with
+from tests.helpers import CPU, TEST_DEVICE, fit_tiny, outputs_of, pattern_config, train_with
 
 FEATURE_SHAPES = LossShapes((16, 8, 8), (32, 8, 8))
 
@@ -221,32 +221,55 @@ def test_hybrid_with_every_distillation_weight_zero_is_ce(
 
 
 @pytest.mark.parametrize("method", ["kd", "regressor"])
-def test_bf16_autocast_trains_with_float32_weights_and_losses(
+def test_bf16_autocast_trains_with_float32_weights_and_losses_on_the_device(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
     config = pattern_config(pattern_folder, pattern_teacher, method=method, epochs=2, batch_size=32)
-    prepared = prepare(config)
+    prepared = prepare(_on_test_device(config))
     fp32 = train_with(prepared, lr=3e-3)
     bf16 = train_with(prepared, lr=3e-3, precision="bf16")
-    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert all(p.dtype == torch.float32 and p.device.type == TEST_DEVICE.type for p in bf16.model.parameters())
     first32, first16 = fp32.epochs[0].train_loss, bf16.epochs[0].train_loss
     assert first16 != first32  # the forward pass really ran in bf16 ...
     assert abs(first16 - first32) < 0.1 * first32  # ... and trained the same way
     assert bf16.val_accuracy is not None and bf16.val_accuracy > 30.0  # chance is 10 %
 
 
-def test_fp16_path_with_gradient_scaler_trains(pattern_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp16 is refused on the CPU for users; the test lifts that check to run the GPU's code path here."""
+def _on_test_device(config: RunConfig) -> RunConfig:
+    return dataclasses.replace(config, device=str(TEST_DEVICE))
+
+
+def test_fp16_path_with_gradient_scaler_trains_on_the_device(
+    pattern_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 is refused on the CPU for users; on the CPU the test lifts that check to run the GPU's code path."""
     import kdsearch.loop as loop
 
-    monkeypatch.setattr(loop, "check_precision", lambda precision, device: None)
-    splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
+    if TEST_DEVICE.type == "cpu":
+        monkeypatch.setattr(loop, "check_precision", lambda precision, device: None)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50).to(TEST_DEVICE)
     torch.manual_seed(0)
-    model = prepare_module(LightNN(), CPU)
-    reports = fit_tiny(splits.train, model, epochs=2, batch_size=32, lr=3e-3, val=splits.val, precision="fp16")
+    model = prepare_module(LightNN(), TEST_DEVICE)
+    reports = fit_tiny(
+        splits.train, model, device=TEST_DEVICE, epochs=2, batch_size=32, lr=3e-3, val=splits.val, precision="fp16"
+    )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert reports[-1].train_loss < reports[0].train_loss
     assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0
+
+
+def test_a_checkpoint_saved_on_the_device_evaluates_the_same_on_the_cpu(
+    pattern_teacher: Path, pattern_folder: Path, home: Path, tmp_path: Path
+) -> None:
+    from kdsearch.distill import run_evaluation, run_training
+
+    config = _on_test_device(pattern_config(pattern_folder, pattern_teacher, method="kd", val_size=0))
+    out = tmp_path / "student.pt"
+    trained = run_training(config, out=out)
+    on_cpu = run_evaluation(str(out), None, None, config.data, "cpu")
+    assert trained["device"].startswith(TEST_DEVICE.type)
+    assert on_cpu["test_accuracy"] == pytest.approx(trained["test_accuracy"], abs=0.5)  # 1 image in 100 at most
+    assert on_cpu["params"] == trained["params"] == 267_738
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
