@@ -7,10 +7,12 @@ the user asks for more, and says so in one line when it serves beyond this machi
 from __future__ import annotations
 
 import ipaddress
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from kdsearch.errors import UserError
+from kdsearch.errors import Terminated, UserError
 from kdsearch.storage import ArtifactDirectory, open_existing_storage, redact
 
 
@@ -50,7 +52,21 @@ def serve(storage_url: str | None, host: str, port: int, log: Callable[[str], No
             "can read, change and delete these studies and their checkpoints"
         )
     log(f"dashboard for {redact(url)} at http://{host}:{server.server_port}/")
+    # wsgiref's request handler swallows any exception raised inside a request (KeyboardInterrupt
+    # included), so Ctrl-C and SIGTERM ask the serving loop to stop instead of raising into it.
+    stopped: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopped.append(signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, stop) for signum in handled}
     try:
         server.serve_forever()
     finally:
         server.server_close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopped:
+        raise Terminated(stopped[0]) if stopped[0] == signal.SIGTERM else KeyboardInterrupt()

@@ -31,6 +31,8 @@ from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_m
 from kdsearch.paths import cache_dir, home_dir
 
 TUTORIAL_TEACHER = "deepnn"
+# How a search's default teacher is trained: the tutorial's recipe.
+DEFAULT_TEACHER_RECIPE = RecipeConfig()
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def ensure_default_teacher(
     on every other train row, whatever ``limit_train`` says, so one teacher serves all.
     """
     name = model or TUTORIAL_TEACHER
-    recipe = RecipeConfig()
+    recipe = DEFAULT_TEACHER_RECIPE
     path = default_teacher_path(splits, name, recipe, data.val_size)
     if not path.exists():
         if log is not None:

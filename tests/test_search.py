@@ -312,8 +312,14 @@ def test_a_teacher_that_saw_the_validation_images_is_flagged(
     assert load(home, "clean").user_attrs["teacher_saw_validation"] is False
 
 
-def test_the_default_search_teacher_holds_out_the_validation_images(pattern_folder: Path, home: Path) -> None:
+def test_the_default_search_teacher_holds_out_the_validation_images(
+    pattern_folder: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without --teacher, a search's teacher is trained once without the search's validation rows."""
+    import kdsearch.teacher
+
+    # Two epochs instead of the tutorial's ten: what is tested is which rows it trains on, not how well.
+    monkeypatch.setattr(kdsearch.teacher, "DEFAULT_TEACHER_RECIPE", RecipeConfig(epochs=2))
     prepared = prepare(pattern_config(pattern_folder, None, method="kd"))  # 50 validation images
     assert prepared.teacher_path is not None and prepared.teacher_path.name.endswith("-val50.pt")
     assert prepared.teacher_metadata["data"]["val_size"] == 50 and prepared.teacher_metadata["train_images"] == 250
