@@ -220,7 +220,7 @@ def test_parse_outputs() -> None:
     assert gpu.parse_pytest_counts("no tests ran in 0.01s") == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     assert gpu.parse_json_output('kdsearch: log\n{"test_accuracy": 41.5}\n\n') == {"test_accuracy": 41.5}
     assert gpu.parse_json_output('{"a": 1}\n{"b": 2}\n') == {"b": 2}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="JSON"):
         gpu.parse_json_output("[1, 2]\nnot json\n")
     assert gpu.last_line("a\n  b  \n\n") == "b" and gpu.last_line(None) == ""
     assert gpu.steady_epoch({"epoch_seconds": [3.5, 1.25]}) == 1.25 and gpu.steady_epoch({}) is None
@@ -338,7 +338,7 @@ def test_copy_slice_takes_the_first_images_of_each_class(tmp_path: Path) -> None
         "0000.jpg", "0001.jpg", "0002.jpg", "0003.jpg", "0004.jpg"
     ]  # fmt: skip
     assert len(list((tmp_path / "slice").rglob("*.jpg"))) == 19
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing"):
         gpu.copy_slice(tmp_path / "missing", tmp_path / "other", 1, 1)
 
 

@@ -160,3 +160,17 @@ def test_study_identity_and_exports_are_the_configs_fields() -> None:
     assert rebuilt.recipe.lr == 0.003 and rebuilt.recipe.seed == 7 and rebuilt.data.val_size == 0
     assert rebuilt.loss.params == {"soft_target_weight": 0.5, "temperature": 5.0}
     assert dataclasses.replace(rebuilt, recipe=config.recipe, data=config.data, loss=config.loss) == config
+
+
+def test_help_does_not_import_torch() -> None:
+    """The command line is declared from torch-free modules: `kdsearch --help` answers at once."""
+    import subprocess
+    import sys
+
+    code = "import sys, kdsearch.cli; kdsearch.cli.cli.main(['optimize', '--help'], standalone_mode=False); "
+    code += "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (
+        "--optimizer [adam|adamw|sgd]" in done.stdout and "--method [ce|cosine|dkd|hybrid|kd|regressor]" in done.stdout
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"
