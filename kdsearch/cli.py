@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import statistics
 import sys
 import threading
 from collections.abc import Callable
@@ -347,6 +348,45 @@ def _best_lines(summary: dict[str, Any]) -> list[str]:
         f"best: trial {summary['best_trial']}, validation accuracy {summary['best_value']:.2f}%, "
         f"artifact {summary['best_artifact_id']}"
     ]
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="The study whose best configs are confirmed.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="How many of its best configs.")
+@click.option("--seeds", type=click.IntRange(1), default=5, show_default=True, help="Seeds per config.")
+@click.option(
+    "--against",
+    default="hand-set",
+    show_default=True,
+    help="The baseline, besides the hand-set config: hand-set alone, or the name of a study (a CE control) "
+    "whose best config is re-trained with the same seeds.",
+)
+@json_option
+@quiet_option
+def confirm(
+    study_name: str, storage: str | None, top: int, seeds: int, against: str, as_json: bool, quiet: bool
+) -> None:
+    """Re-train a study's best configs with several seeds; test the winner against the baselines, paired.
+
+    Runs are trials of the companion study <name>-confirm: re-running resumes, workers can share it.
+    """
+    from kdsearch.confirm import run_confirm
+
+    summary = run_confirm(storage, study_name, top=top, seeds=seeds, against=against, progress=not quiet, log=log)
+    emit(summary, as_json, _confirm_lines)
+
+
+def _confirm_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"confirmed {summary['study']} with seeds {summary['seeds']} (ranked on mean validation accuracy)"]
+    for row in summary["rows"]:
+        mark = " (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""
+        tests = row["test_runs"]
+        shown = f", test {statistics.fmean(tests):.2f}% mean" if tests else ""
+        lines.append(f"  {row['arm']}{mark}: validation {row['val_mean']:.2f}% mean{shown}")
+    for arm, comparison in summary["chosen_minus"].items():
+        lines.append(f"  {summary['chosen']} − {arm}, test, paired: {comparison['interval']} points (95 % CI)")
+    return lines
 
 
 @cli.command()

@@ -128,6 +128,8 @@ def load_or_create_study(
     if study is not None:
         if not is_kdsearch_study(study):
             raise UserError(f"study {study_name!r} exists but was not created by kdsearch; use another --study-name")
+        if "confirms" in study.user_attrs:
+            raise UserError(f"study {study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}")
         existing = study.user_attrs
         for key in keys:
             if key in existing and existing[key] != attrs[key]:

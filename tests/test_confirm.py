@@ -1,0 +1,129 @@
+"""`kdsearch confirm`: multi-seed re-trains, ranking on validation, paired intervals, resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kdsearch.config import RunConfig
+from kdsearch.confirm import paired_interval, t_quantile
+from tests.helpers import files_under, run_cli
+from tests.test_search import load, optimize
+
+
+def test_the_paired_interval_is_the_textbook_one() -> None:
+    first, second = [71.0, 70.5, 72.0, 69.5, 71.5], [69.0, 69.5, 70.0, 69.0, 70.5]
+    differences = [2.0, 1.0, 2.0, 0.5, 1.0]
+    interval = paired_interval(first, second)
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    assert interval.mean == pytest.approx(1.3)
+    assert interval.half_width == pytest.approx(2.776 * sd / math.sqrt(5))  # t(0.975, 4 degrees of freedom)
+    assert interval.excludes_zero and str(interval) == f"+{mean:.2f} ± {2.776 * sd / math.sqrt(5):.2f}"
+    assert not paired_interval([1.0, 2.0], [2.0, 1.0]).excludes_zero
+    single = paired_interval([70.0], [69.0])
+    assert single.half_width is None and "no interval" in str(single)
+    assert t_quantile(1) == 12.706 and t_quantile(30) == 2.042 and t_quantile(200) == 1.96
+
+
+def test_confirm_ranks_on_validation_compares_paired_and_resumes(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--method", "kd", "--trials", "3", "--epochs", "1", "--pruner", "none", "--sampler-seed", "1"]
+    assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+    code, out, err = run_cli(
+        ["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "2", "--json"], capsys
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    companion = load(home, "kd-imagefolder-confirm")
+    trials = companion.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)  # (2 configs + hand-set) x 2
+    assert {(t.params["arm"], t.params["seed"]) for t in trials} == {
+        (arm, seed)
+        for arm in ("hand-set", *(r["arm"] for r in summary["rows"] if not r["baseline"]))
+        for seed in (42, 43)
+    }
+    # The chosen config has the best mean validation accuracy; only it and the baseline are tested.
+    candidates = [r for r in summary["rows"] if not r["baseline"]]
+    best = max(candidates, key=lambda r: r["val_mean"])
+    assert summary["chosen"] == best["arm"] and best["chosen"]
+    assert all(r["test_runs"] is None for r in candidates if not r["chosen"])
+    hand_set = next(r for r in summary["rows"] if r["arm"] == "hand-set")
+    expected = paired_interval(best["test_runs"], hand_set["test_runs"])
+    assert summary["chosen_minus"]["hand-set"]["mean"] == pytest.approx(expected.mean)
+    assert companion.user_attrs["confirms"] == "kd-imagefolder" and companion.user_attrs["summary"] == summary
+    # A third seed later: only the new runs are trained, the finished ones are kept.
+    stamps = {t.number: t.datetime_complete for t in trials}
+    assert run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "3", "-q"], capsys)[0] == 0
+    again = load(home, "kd-imagefolder-confirm").get_trials()
+    assert len(again) == 9 and {t.number: t.datetime_complete for t in again[:6]} == stamps
+    # The companion holds runs, not a search: optimize refuses to add trials to it.
+    code, _, err = run_cli(
+        optimize(pattern_folder, pattern_teacher, *args, "--study-name", "kd-imagefolder-confirm"), capsys
+    )
+    assert code == 2 and "holds the confirmation runs of 'kd-imagefolder'" in err
+
+
+def test_a_ce_study_is_the_control(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for method in ("kd", "ce"):
+        args = ["--method", method, "--trials", "1", "--epochs", "1"]
+        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+    code, out, err = run_cli(
+        [
+            "confirm",
+            "--study-name",
+            "kd-imagefolder",
+            "--top",
+            "1",
+            "--seeds",
+            "2",
+            "--against",
+            "ce-imagefolder",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    control = next(r for r in summary["rows"] if r["arm"] == "control-ce-imagefolder")
+    assert control["baseline"] and control["params"]["method"] == "ce" and len(control["test_runs"]) == 2
+    assert set(summary["chosen_minus"]) == {"hand-set", "control-ce-imagefolder"}
+    assert (
+        "control-ce-imagefolder"
+        in run_cli(
+            ["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "2", "--against", "ce-imagefolder"],
+            capsys,
+        )[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--study-name", "nope"], "no study named 'nope'"),
+        (["--study-name", "empty"], "has no completed trial"),
+        (["--study-name", "empty", "--top", "0"], "'--top': 0 is not in the range"),
+        (["--study-name", "empty", "--seeds", "0"], "'--seeds': 0 is not in the range"),
+    ],
+)
+def test_confirm_refuses_bad_input_in_one_line_writing_nothing(
+    args: list[str], message: str, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home.mkdir(parents=True)
+    storage = f"sqlite:///{home / 'kdsearch.db'}"
+    study = optuna.create_study(study_name="empty", storage=storage, direction="maximize")
+    for key, value in (RunConfig().flat() | {"objectives": ["accuracy"]}).items():
+        study.set_user_attr(key, value)
+    before = files_under(home)
+    code, out, err = run_cli(["confirm", *args], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert files_under(home) == before
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["empty"]  # no companion study
