@@ -91,7 +91,9 @@ def trial_run_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
     return config.with_values({"seed": trial.user_attrs.get("seed", config.recipe.seed)})
 
 
-def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str, Any]:
+def trial_config(
+    study: optuna.Study, trial: FrozenTrial, url: str, confirmed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A `train --config` document for ``trial``: re-trains on the whole train split."""
     config = trial_run_config(study, trial)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, val_size=0))
@@ -106,6 +108,11 @@ def trial_config(study: optuna.Study, trial: FrozenTrial, url: str) -> dict[str,
             "artifact_id": trial.user_attrs.get("artifact_id"),
             "teacher_sha256": attrs.get("teacher_sha256"),
             "search_val_size": attrs.get("val_size"),
+            "confirmed": (
+                {"seeds": confirmed["seeds"], "chosen_minus": confirmed["chosen_minus"]}
+                if confirmed and confirmed.get("chosen") == f"trial-{trial.number}"
+                else None
+            ),
         },
         "kdsearch_version": __version__,
     }
@@ -136,6 +143,31 @@ def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return sorted(complete, key=lambda t: (-t.values[0], t.number))[:top]
 
 
+def confirmation(study: optuna.Study, url: str) -> dict[str, Any]:
+    """The summary `kdsearch confirm` left for this study ({} when it was never confirmed)."""
+    storage, _ = open_existing_storage(url)
+    try:
+        companion = optuna.load_study(study_name=f"{study.study_name}-confirm", storage=storage)
+    except KeyError:
+        return {}
+    return dict(companion.user_attrs.get("summary") or {})
+
+
+def confirmed_first(
+    study: optuna.Study, ranked: list[FrozenTrial], summary: dict[str, Any], top: int
+) -> list[FrozenTrial]:
+    """The best trials, led by the winner of `kdsearch confirm` when the study has been confirmed.
+
+    One seed's best validation score is a noisy pick; the config that won on the mean over seeds is
+    the one to re-train.
+    """
+    chosen = str(summary.get("chosen", ""))
+    if not chosen.startswith("trial-"):
+        return ranked
+    winner = study.trials[int(chosen.removeprefix("trial-"))]
+    return [winner, *[t for t in ranked if t.number != winner.number]][:top]
+
+
 def export_study(
     storage_url: str | None,
     study_name: str,
@@ -160,13 +192,15 @@ def export_study(
     refuse_overwriting_inputs({"-o": output}, (storage_file, checkpoint))
     if not pareto:
         refuse_overwriting_inputs({"--checkpoint": checkpoint}, (storage_file, output))
+    summary: dict[str, Any] = {}
     if pareto:
         trials = sorted(study.best_trials, key=lambda t: t.values[1:]) if study.get_trials(deepcopy=False) else []
         if not trials:
             raise UserError(f"study {study_name!r} has no completed trial to export")
     else:
-        trials = best_trials(study, top)
-    configs = [trial_config(study, t, url) for t in trials]
+        summary = confirmation(study, url)
+        trials = confirmed_first(study, best_trials(study, top), summary, top)
+    configs = [trial_config(study, t, url, summary) for t in trials]
     document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
     as_json = output is not None and output.endswith(".json")
     text = json.dumps(document, indent=2) if as_json else yaml.safe_dump(document, sort_keys=False)

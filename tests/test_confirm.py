@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from kdsearch.config import RunConfig
@@ -58,6 +59,10 @@ def test_confirm_ranks_on_validation_compares_paired_and_resumes(
     expected = paired_interval(best["test_runs"], hand_set["test_runs"])
     assert summary["chosen_minus"]["hand-set"]["mean"] == pytest.approx(expected.mean)
     assert companion.user_attrs["confirms"] == "kd-imagefolder" and companion.user_attrs["summary"] == summary
+    # export now re-trains the confirmed winner, and says what confirmation found.
+    exported = yaml.safe_load(run_cli(["export", "--study-name", "kd-imagefolder"], capsys)[1])
+    assert f"trial-{exported['source']['trial']}" == summary["chosen"]
+    assert exported["source"]["confirmed"]["seeds"] == [42, 43]
     # A third seed later: only the new runs are trained, the finished ones are kept.
     stamps = {t.number: t.datetime_complete for t in trials}
     assert run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "3", "-q"], capsys)[0] == 0
