@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import statistics
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import UserError
+from kdsearch.export import confirmation
 from kdsearch.fsutil import atomic_write, refuse_overwriting_inputs
 from kdsearch.storage import load_existing_study, sqlite_path
 
@@ -111,7 +113,7 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     for name, reason in skipped.items():
         sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><p>not drawn: {html.escape(reason)}</p>")
     rows = _best_rows(study)
-    table = _table(rows)
+    table = _table(rows) + _confirmed_section(confirmation(study, url))
     attrs = study.user_attrs
     header = (
         f"<h1>kdsearch study {html.escape(study.study_name)}</h1><p>method {html.escape(str(attrs.get('method')))},"
@@ -130,6 +132,31 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     if png_dir is not None:
         pngs = _write_pngs(study, Path(png_dir), skipped)
     return {"report": output, "plots": drawn, "skipped": skipped, "png": pngs, "best_trials": rows}
+
+
+def _rounded(value: Any) -> Any:
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
+def _confirmed_section(summary: dict[str, Any]) -> str:
+    """The table `kdsearch confirm` left: every config over the same seeds, the chosen and baseline rows marked."""
+    if not summary:
+        return ""
+    rows = [
+        {
+            "config": row["arm"] + (" (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""),
+            "validation % (mean)": row["val_mean"],
+            "test % (mean)": statistics.fmean(row["test_runs"]) if row["test_runs"] else "-",
+            "params": {name: _rounded(value) for name, value in row["params"].items()},
+        }
+        for row in summary["rows"]
+    ]
+    differences = "".join(
+        f"<li>{html.escape(summary['chosen'])} − {html.escape(arm)}: {html.escape(c['interval'])} test points "
+        "(paired by seed, mean ± 95 % CI)</li>"
+        for arm, c in summary["chosen_minus"].items()
+    )
+    return f"<h2>confirmed over seeds {html.escape(str(summary['seeds']))}</h2>{_table(rows)}<ul>{differences}</ul>"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -63,6 +63,11 @@ def test_confirm_ranks_on_validation_compares_paired_and_resumes(
     exported = yaml.safe_load(run_cli(["export", "--study-name", "kd-imagefolder"], capsys)[1])
     assert f"trial-{exported['source']['trial']}" == summary["chosen"]
     assert exported["source"]["confirmed"]["seeds"] == [42, 43]
+    report = home.parent / "report.html"
+    assert run_cli(["report", "--study-name", "kd-imagefolder", "-o", report], capsys)[0] == 0
+    page = report.read_text()
+    assert "confirmed over seeds [42, 43]" in page and f"{summary['chosen']} (chosen)" in page
+    assert "hand-set (baseline)" in page and "paired by seed, mean ± 95 % CI" in page
     # A third seed later: only the new runs are trained, the finished ones are kept.
     stamps = {t.number: t.datetime_complete for t in trials}
     assert run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "3", "-q"], capsys)[0] == 0
