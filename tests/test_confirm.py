@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import uuid
 from pathlib import Path
 
 import optuna
@@ -137,3 +138,29 @@ def test_confirm_refuses_bad_input_in_one_line_writing_nothing(
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
     assert files_under(home) == before
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["empty"]  # no companion study
+
+
+@pytest.mark.postgres
+def test_two_confirm_workers_share_one_postgres_study(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_parallel_faults import POSTGRES_URL, postgres_available, spawn
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL not reachable")
+    name = f"confirm-{uuid.uuid4().hex[:8]}"
+    storage = ["--storage", POSTGRES_URL]
+    try:
+        args = ["--method", "kd", "--trials", "2", "--epochs", "1", "--study-name", name, *storage]
+        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "-q", *storage]
+        workers = [spawn(command, home) for _ in range(2)]
+        for worker in workers:
+            _, err = worker.communicate(timeout=300)
+            assert worker.returncode == 0, err
+        runs = optuna.load_study(study_name=f"{name}-confirm", storage=POSTGRES_URL).get_trials()
+        done = {(t.params["arm"], t.params["seed"]) for t in runs if t.state == TrialState.COMPLETE}
+        assert len(done) == 6 and not [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    finally:
+        for study in (name, f"{name}-confirm"):
+            optuna.delete_study(study_name=study, storage=POSTGRES_URL)
