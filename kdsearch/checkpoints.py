@@ -53,12 +53,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001 - any failure to read is the file's fault, not ours
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        if not zipfile.is_zipfile(target) and not text.startswith(("Weights only load failed", "Unsupported")):
-            reason = "not a torch checkpoint file (truncated, or another format)"
-        elif "Unsupported global" in text or "weights_only" in text.lower():
+        if "GLOBAL" in text or "Unsupported global" in text:
             reason = "it holds pickled objects other than tensors, refused for safety (weights_only=True)"
+        elif not zipfile.is_zipfile(target):
+            reason = "not a torch checkpoint file (truncated, damaged, or another format)"
         else:
-            reason = f"the file is damaged or truncated ({reason[:120]})"
+            reason = f"the file is damaged ({reason[:120]})"
         raise UserError(f"cannot load checkpoint {target}: {reason}") from None
     if isinstance(blob, dict) and blob.get("format") == FORMAT:
         state_dict = blob.get("state_dict")

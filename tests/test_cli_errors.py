@@ -77,7 +77,7 @@ CASES = {
     "teacher of another architecture": ([*TRAIN, "--teacher", "{tmp}/light.pt"], "does not fit model deepnn"),
     "teacher of another class count": ([*TRAIN, "--teacher", "{tmp}/five.pt"], "5 classes"),
     "missing teacher": ([*TRAIN, "--teacher", "{tmp}/none.pt"], "does not exist"),
-    "corrupt checkpoint": ([*TRAIN, "--teacher", "{tmp}/evil.pt"], "cannot load checkpoint"),
+    "corrupt checkpoint": ([*TRAIN, "--teacher", "{tmp}/evil.pt"], "evil.pt: not a torch checkpoint file"),
     "unknown teacher layer": ([*TRAIN, "--method", "cosine", "--teacher-layer", "body"], "no layer 'body'"),
     "unknown student layer": ([*TRAIN, "--method", "cosine", "--student-layer", "body"], "no layer 'body'"),
     "unmatched feature maps": ([*TRAIN, "--method", "regressor", "--student-layer", "features.0"], "spatial size"),

@@ -129,3 +129,19 @@ def test_offline_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
     with pytest.raises(UserError, match=r"could not be downloaded.*--data-dir"):
         load_splits("cifar10", tmp_path / "cifar")
+
+
+def test_sixteen_bit_pngs_are_read_as_eight_bit(tmp_path: Path) -> None:
+    """A 16-bit PNG decodes to uint16; it is scaled to 8 bits like every other image, not a crash."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8), 257 * (100 + i), np.uint16)).save(folder / f"{i}.png")
+    decoded = decode_dataset("imagefolder", tmp_path)
+    assert decoded.train_images.dtype == torch.uint8 and decoded.train_images.shape == (4, 1, 8, 8)
+    assert sorted(set(decoded.train_images.flatten().tolist())) == [100, 101]

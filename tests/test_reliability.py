@@ -78,9 +78,14 @@ def test_two_workers_on_one_study_never_propose_the_same_trial(
     assert len(set(proposals)) == len(proposals)
 
 
-def test_sigterm_reaches_every_worker_and_no_new_trial_starts(
-    pattern_folder: Path, pattern_teacher: Path, home: Path
+@pytest.mark.parametrize(
+    ("signum", "code", "last_line"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_reaches_every_worker_and_no_new_trial_starts(
+    signum: int, code: int, last_line: str, pattern_folder: Path, pattern_teacher: Path, home: Path
 ) -> None:
+    """SIGTERM to the parent alone is passed on; so is Ctrl-C sent to the parent alone (a terminal's
+    Ctrl-C reaches every process of the group anyway)."""
     home.mkdir(parents=True)
     storage = f"sqlite:///{home / 'kdsearch.db'}"
     args = optimize_args(
@@ -98,10 +103,10 @@ def test_sigterm_reaches_every_worker_and_no_new_trial_starts(
             break
         time.sleep(0.2)
     assert len(running) == 2
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "kdsearch: terminated"
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"kdsearch: {last_line}"
     assert "Traceback" not in err and "KeyError" not in err
     trials = optuna.load_study(study_name="kd-imagefolder", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]  # closed, and nothing new began
