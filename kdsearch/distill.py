@@ -114,6 +114,15 @@ def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> Lo
     return LossShapes(student_shape, tuple(prepared.teacher.features.shape[1:]))
 
 
+def check_loss_shapes(prepared: Prepared) -> None:
+    """Build the method's feature terms once, so unmatched layers fail before any trial runs."""
+    config = prepared.config
+    strategy = get_strategy(config.method)
+    if strategy.uses_features:
+        student = build_student(config, prepared.splits).to(prepared.device)
+        strategy.check_shapes(loss_shapes(prepared, student, config))
+
+
 def train_student(
     prepared: Prepared,
     config: RunConfig | None = None,

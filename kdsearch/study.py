@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from kdsearch import __version__
 from kdsearch.config import MAX_SEED, OBJECTIVES, RunConfig, SearchConfig
-from kdsearch.distill import Prepared, loss_shapes, prepare
+from kdsearch.distill import Prepared, check_loss_shapes, prepare
 from kdsearch.errors import Terminated, UserError, raise_terminated
 from kdsearch.objective import Objective
 from kdsearch.progress import TrialProgress
@@ -214,7 +214,7 @@ def run_search(
     storage_url_given = search.storage is not None
     # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
     prepared = prepare(config, augmentations=plan.augmentations(), progress=progress, log=log)
-    get_strategy(config.method).check_shapes(loss_shapes(prepared, _probe_student(prepared), config))
+    check_loss_shapes(prepared)
     storage = open_storage(plan.storage_url, heartbeat=search.heartbeat, create_parent=not storage_url_given)
     # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -242,12 +242,6 @@ def run_search(
     finally:
         bar.close()
     return summarise(study, plan, time.perf_counter() - start)
-
-
-def _probe_student(prepared: Prepared) -> Any:
-    from kdsearch.distill import build_student
-
-    return build_student(prepared.config, prepared.splits).to(prepared.device)
 
 
 def _bar_total(search: SearchConfig, finished_before: int) -> int | None:
