@@ -1,13 +1,14 @@
-"""One seeded study per strategy on the shared CIFAR-10 copy, then searched vs hand-set test accuracy.
+"""One seeded study per method on the shared CIFAR-10 copy, each confirmed over seeds against a CE control.
 
-For each method: `kdsearch optimize` (default 30 trials x 10 epochs, median pruning, seed 42, 5,000
-validation images, the default search teacher, which never saw those 5,000 images), `kdsearch
-export` of the best trial, and `kdsearch train --config` on the whole train split for its test
-accuracy, beside `kdsearch train --method M --val-size 0` with the tutorial's hand-set
-hyperparameters and the same teacher. Both are re-trained with several seeds (--test-seeds), since
-one 10-epoch run moves by about half a point from seed to seed; the table gives the medians and
-every run is in bench/results/studies.json. A third column re-trains the hand-set values with the
-searched recipe switches (schedule, augmentation) only, to show how much of the gain they carry.
+For each method: `kdsearch optimize` (default 30 trials x 10 epochs, median pruning, sampler seed
+42, 5,000 validation images, the default search teacher, which never saw those 5,000 images), then
+`kdsearch confirm --top 3 --seeds 5`: the study's 3 best configs re-trained with 5 seeds on the
+search's own split, the winner chosen on mean validation accuracy and tested, seed for seed,
+against the hand-set config and against the confirmed CE study (the control: does distillation
+pay on top of a tuned recipe?). The `ce` study runs first so it can serve as the control. Every
+number lands in bench/results/studies.json (resumable: a method already there is skipped unless
+--redo names it, and `optimize`/`confirm` resume their studies anyway), and the table printed at the
+end is the README's.
 """
 
 from __future__ import annotations
@@ -15,122 +16,99 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import yaml
 from tutorial import RESULTS, kdsearch
 
-RECIPE_SWITCHES = ("lr_schedule", "augment")
+CONTROL = "ce"
 
 
-def test_accuracies(args: list[str], seeds: list[int]) -> list[float]:
-    """Test accuracy of `kdsearch train ARGS` for each seed."""
-    return [kdsearch("train", *args, "--seed", str(seed), "--json", "-q")[0]["test_accuracy"] for seed in seeds]
+def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[str, Any], wall: float) -> dict:
+    """One table row: the chosen config's test runs and its paired differences to the baselines."""
+    chosen = next(r for r in summary["rows"] if r["chosen"])
+    hand_set = next(r for r in summary["rows"] if r["arm"] == "hand-set")
+    return {
+        "method": method,
+        "study": name,
+        "trials": search["complete"] + search["pruned"] + search["failed"],
+        "pruned": search["pruned"],
+        "best_val_accuracy": search["best_value"],
+        "seeds": summary["seeds"],
+        "chosen": summary["chosen"],
+        "chosen_params": chosen["params"],
+        "chosen_val_mean": chosen["val_mean"],
+        "chosen_test_runs": chosen["test_runs"],
+        "chosen_test_median": statistics.median(chosen["test_runs"]),
+        "hand_set_test_runs": hand_set["test_runs"],
+        "hand_set_test_median": statistics.median(hand_set["test_runs"]),
+        "chosen_minus": summary["chosen_minus"],
+        "optimize_seconds": round(search["wall_seconds"], 1),
+        "wall_seconds": round(wall, 1),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
-    parser.add_argument("--methods", default="ce,kd,cosine,regressor")
+    parser.add_argument("--methods", default="ce,kd,dkd,cosine,regressor,hybrid")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--teacher", default=None, help="Teacher checkpoint [default: the search's default teacher].")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prefix", default="bench")
     parser.add_argument("--n-jobs", type=int, default=1, help="Worker processes per study.")
-    parser.add_argument("--test-seeds", default="42,43,44", help="Seeds of the test re-trains (comma-separated).")
-    parser.add_argument(
-        "--no-recipe-column",
-        action="store_true",
-        help="Skip re-training the hand-set values with the searched schedule and augmentation.",
-    )
+    parser.add_argument("--redo", default="", help="Methods to run again although their row exists.")
+    parser.add_argument("--results", default=str(RESULTS / "studies.json"))
     args = parser.parse_args()
-    seeds = [int(s) for s in args.test_seeds.split(",")]
-    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--device", args.device]
-    out_path = RESULTS / "studies.json"
+    data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
+    data += ["--device", args.device] + (["--teacher", args.teacher] if args.teacher else [])
+    out_path = Path(args.results)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
-    hand_set_runs: dict[str, list[float]] = {}
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    if CONTROL in methods:
+        methods = [CONTROL, *[m for m in methods if m != CONTROL]]
+    for method in methods:
+        if any(r["method"] == method for r in rows) and method not in args.redo.split(","):
+            continue
         name = f"{args.prefix}-{method}"
         start = time.perf_counter()
-        summary, optimize_cmd = kdsearch(
-            "optimize",
-            "--method",
-            method,
-            *data,
-            "--trials",
-            str(args.trials),
-            "--epochs",
-            str(args.epochs),
+        search, _ = kdsearch(
+            "optimize", "--method", method, *data, "--trials", str(args.trials), "--epochs", str(args.epochs),
+            "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "--json", "-q",
+        )  # fmt: skip
+        against = [] if method == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
+        summary, _ = kdsearch(
+            "confirm",
             "--study-name",
             name,
-            "--n-jobs",
-            str(args.n_jobs),
-            "--sampler-seed",
-            "42",
+            "--top",
+            str(args.top),
+            "--seeds",
+            str(args.seeds),
+            *against,
             "--json",
             "-q",
         )
-        wall = time.perf_counter() - start
-        config_path = RESULTS / f"{name}.yaml"
-        print(f"$ kdsearch export --study-name {name} -o {config_path}", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "kdsearch", "export", "--study-name", name, "-o", str(config_path)], check=True
-        )
-        config: dict[str, Any] = yaml.safe_load(config_path.read_text())
-        teacher = ["--teacher", config["models"]["teacher"]] if config["models"].get("teacher") else []
-        searched = test_accuracies(["--config", str(config_path), "--device", args.device], seeds)
-        hand = ["--method", method, *data, "--val-size", "0", "--epochs", str(args.epochs), *teacher]
-        if method == "hybrid" and "ce" in hand_set_runs:
-            hand_set_runs[method] = hand_set_runs["ce"]  # hybrid's hand-set values are CE alone, bit for bit (a test)
-        if method not in hand_set_runs:
-            hand_set_runs[method] = test_accuracies(hand, seeds)
-        switches = [f"{k}={config['recipe'][k]}" for k in RECIPE_SWITCHES]
-        tutorial_recipe = all(config["recipe"][k] in ("constant", "none") for k in RECIPE_SWITCHES)
-        recipe_only: list[float] = []
-        if tutorial_recipe:
-            recipe_only = hand_set_runs[method]
-        elif not args.no_recipe_column:
-            recipe_only = test_accuracies([*hand, *[a for s in switches for a in ("--hp", s)]], seeds)
-        row = {
-            "method": method,
-            "study": name,
-            "trials": summary["complete"] + summary["pruned"] + summary["failed"],
-            "pruned": summary["pruned"],
-            "n_jobs": args.n_jobs,
-            "best_val_accuracy": summary["best_value"],
-            "test_seeds": seeds,
-            "searched_test_runs": searched,
-            "hand_set_test_runs": hand_set_runs[method],
-            "hand_set_with_searched_recipe": switches,
-            "hand_set_with_searched_recipe_test_runs": recipe_only,
-            "searched_test_accuracy": statistics.median(searched),
-            "hand_set_test_accuracy": statistics.median(hand_set_runs[method]),
-            "hand_set_with_searched_recipe_test_accuracy": statistics.median(recipe_only) if recipe_only else None,
-            "teacher": config["models"].get("teacher"),
-            "wall_seconds": round(wall, 1),
-            "best_params": summary["best_params"],
-            "command": optimize_cmd,
-        }
+        row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         rows = [r for r in rows if r["method"] != method] + [row]
-        RESULTS.mkdir(exist_ok=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
         print(json.dumps(row), flush=True)
-    print(
-        "| method | trials | pruned | best val % | searched test % | hand-set test % "
-        "| hand-set + searched recipe % | wall |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| method | trials | pruned | confirmed test % (median, {args.seeds} seeds) | − hand-set | − CE control | wall |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        control = r["chosen_minus"].get(f"control-{args.prefix}-{CONTROL}", {}).get("interval", "—")
         print(
-            f"| {r['method']} | {r['trials']} | {r['pruned']} | {r['best_val_accuracy']:.2f} | "
-            f"{r['searched_test_accuracy']:.2f} | {r['hand_set_test_accuracy']:.2f} | "
-            f"{r.get('hand_set_with_searched_recipe_test_accuracy') or float('nan'):.2f} | "
-            f"{r['wall_seconds'] / 60:.0f} min |"
+            f"| {r['method']} | {r['trials']} | {r['pruned']} | {r['chosen_test_median']:.2f} | "
+            f"{r['chosen_minus']['hand-set']['interval']} | {control} | {r['wall_seconds'] / 60:.0f} min |"
         )
-    print(f"(test accuracies: medians of re-trains with seeds {args.test_seeds}; runs in {out_path})")
+    print(f"(differences: paired by seed, mean ± 95 % CI, in points; runs in {out_path})")
     return 0
 
 
