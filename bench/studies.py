@@ -100,7 +100,8 @@ def main() -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
         print(json.dumps(row), flush=True)
-    print(f"| method | trials | pruned | confirmed test % (median, {args.seeds} seeds) | − hand-set | − CE control | wall |")
+    header = f"confirmed test % (median, {args.seeds} seeds)"
+    print(f"| method | trials | pruned | {header} | − hand-set | − CE control | wall |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         control = r["chosen_minus"].get(f"control-{args.prefix}-{CONTROL}", {}).get("interval", "—")
