@@ -246,7 +246,9 @@ def train(
     else:
         base = load_config(config_path, rank)
         given = {name: values[name] for name in given_on_command_line(ctx, list(values))}
-        flat = base.flat() | {"device": base.device} | given | {"hyperparameters": dict(base.loss.params) | hp}
+        # Another --method than the file's starts from that method's tutorial values, not the file's.
+        kept = dict(base.loss.params) if given.get("method", base.method) == base.method else {}
+        flat = base.flat() | {"device": base.device} | given | {"hyperparameters": kept | hp}
     config = run_config(flat)
     out_path = Path(out) if out else None
     result = run_training(config, out=out_path, progress=not quiet and not as_json, log=log)

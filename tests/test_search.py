@@ -189,6 +189,12 @@ def test_best_student_artifact_export_and_retrain_round_trip(
     assert result["train_images"] == 300 and result["val_accuracy"] is None  # the whole train split
     assert result["test_accuracy"] > 20.0 and len(result["epoch_seconds"]) == 2  # chance is 10 %
 
+    # The same file with another method keeps the recipe and starts from that method's own values.
+    code, out, err = run_cli(["train", "--config", config_path, "--method", "ce", "--json", "-q"], capsys)
+    assert code == 0, err
+    other = json.loads(out)["config"]
+    assert other["loss"] == {"method": "ce", "params": {}} and other["recipe"] == config["recipe"]
+
     top = tmp_path / "top.json"
     assert run_cli(["export", "--study-name", "cosine-imagefolder", "--top", "2", "-o", top], capsys)[0] == 0
     configs = json.loads(top.read_text())["configs"]
