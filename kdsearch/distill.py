@@ -140,9 +140,7 @@ def train_student(
     torch.manual_seed(config.recipe.seed)
     student = prepare_module(build_student(config, splits), device)
     shapes = loss_shapes(prepared, student, config)
-    loss_fn = prepare_module(
-        strategy.build_loss(dict(config.loss.params), shapes, config.recipe.label_smoothing), device
-    )
+    loss_fn = prepare_module(strategy.build_loss(dict(config.loss.params), shapes, config.recipe), device)
     reports = fit(
         student,
         loss_fn,

@@ -23,8 +23,9 @@ from optuna.distributions import FloatDistribution
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 - torch's own convention
 
-from kdsearch.config import Knob
+from kdsearch.config import RecipeConfig
 from kdsearch.errors import ConfigError, UserError
+from kdsearch.knobs import Knob
 
 
 @dataclass
@@ -197,8 +198,9 @@ class Strategy:
             return 1.0 - float(hp[weight])
         return 1.0
 
-    def build_loss(self, hp: dict[str, Any], shapes: LossShapes, label_smoothing: float = 0.0) -> WeightedSum:
-        """``Σ weight · term`` over the terms with a non-zero weight, CE last."""
+    def build_loss(self, hp: dict[str, Any], shapes: LossShapes, recipe: RecipeConfig | None = None) -> WeightedSum:
+        """``Σ weight · term`` over the terms with a non-zero weight, CE last (with the recipe's label smoothing)."""
+        label_smoothing = recipe.label_smoothing if recipe is not None else 0.0
         weighted: list[tuple[float, Term]] = [
             (float(hp[weight]), kind.build(hp, shapes)) for weight, kind in self.terms.items() if float(hp[weight])
         ]

@@ -26,9 +26,10 @@ from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
-from kdsearch.losses import CrossEntropy, WeightedSum
+from kdsearch.losses import LossShapes
 from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
 from kdsearch.paths import cache_dir, home_dir
+from kdsearch.strategies import get_strategy
 
 TUTORIAL_TEACHER = "deepnn"
 # How a search's default teacher is trained: the tutorial's recipe.
@@ -81,7 +82,7 @@ def train_teacher(
         model_name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
     )
     model = prepare_module(model, device)
-    loss_fn = WeightedSum([(1.0, CrossEntropy(recipe.label_smoothing))])
+    loss_fn = get_strategy("ce").build_loss({}, LossShapes(), recipe)
     reports = fit(model, loss_fn, splits.train, recipe, device=device, val=splits.val, progress=progress)
     test_accuracy = evaluate(model, splits.test, device)
     result = {

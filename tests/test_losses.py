@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdsearch.config import RecipeConfig
 from kdsearch.errors import UserError
 from kdsearch.losses import CrossEntropy, LossInputs, LossShapes, WeightedSum
 from kdsearch.strategies import METHODS, get_strategy
@@ -33,7 +34,7 @@ def test_ce_is_cross_entropy() -> None:
 
 
 def test_label_smoothing_reaches_the_cross_entropy_term() -> None:
-    loss = get_strategy("ce").build_loss({}, NONE, label_smoothing=0.1)(inputs())
+    loss = get_strategy("ce").build_loss({}, NONE, RecipeConfig(label_smoothing=0.1))(inputs())
     assert torch.allclose(loss, nn.CrossEntropyLoss(label_smoothing=0.1)(STUDENT_LOGITS, LABELS))
     assert not torch.allclose(loss, nn.CrossEntropyLoss()(STUDENT_LOGITS, LABELS))
 
