@@ -403,9 +403,10 @@ def test_timeout_alone_bounds_a_study(
     )
     assert code == 0, err
     trials = load(home, "ce-imagefolder").get_trials()
-    # Optuna checks the timeout between trials: the first trial runs, no trial is left running.
-    assert len(trials) >= 1 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert json.loads(out)["complete"] == len(trials)
+    # Optuna checks the timeout between trials: at least the first trial runs, none is left running.
+    assert len(trials) >= 1 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    summary = json.loads(out)
+    assert summary["complete"] + summary["pruned"] == len(trials) and summary["running"] == 0
 
 
 def test_latency_objective_is_measured_and_minimised(
