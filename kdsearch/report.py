@@ -24,6 +24,7 @@ from kdsearch.errors import UserError
 from kdsearch.export import confirmation
 from kdsearch.fsutil import atomic_write, refuse_overwriting_inputs
 from kdsearch.storage import load_existing_study, sqlite_path
+from kdsearch.strategies import METHODS, get_strategy
 
 
 def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]]:
@@ -116,7 +117,7 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     table = _table(rows) + _confirmed_section(confirmation(study, url))
     attrs = study.user_attrs
     header = (
-        f"<h1>kdsearch study {html.escape(study.study_name)}</h1><p>method {html.escape(str(attrs.get('method')))},"
+        f"<h1>kdsearch study {html.escape(study.study_name)}</h1><p>method {html.escape(_method(attrs))},"
         f" dataset {html.escape(str(attrs.get('dataset')))}, {attrs.get('epochs')} epochs, "
         f"{len(study.trials)} trials</p>"
     )
@@ -132,6 +133,12 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     if png_dir is not None:
         pngs = _write_pngs(study, Path(png_dir), skipped)
     return {"report": output, "plots": drawn, "skipped": skipped, "png": pngs, "best_trials": rows}
+
+
+def _method(attrs: dict[str, Any]) -> str:
+    """The method's name and what it does, in words (a study of an unknown method: the name alone)."""
+    name = str(attrs.get("method"))
+    return f"{name} ({get_strategy(name).summary})" if name in METHODS else name
 
 
 def _rounded(value: Any) -> Any:

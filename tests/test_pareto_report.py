@@ -109,6 +109,7 @@ def test_report_is_self_contained(
     assert not re.search(r"<script[^>]+src=", text)  # plotly inlined once: opens with no network
     assert not re.search(r"<link[^>]+href=[\"']https?:", text)
     assert "best trials" in text and "checkpoint" in text
+    assert "method kd (soft targets: KL to the teacher&#x27;s softened logits, scaled by T²)" in text
     assert sorted(p.name for p in png.iterdir()) >= ["intermediate_values.png", "optimization_history.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in png.iterdir())
 
