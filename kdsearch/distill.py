@@ -78,7 +78,14 @@ def prepare(
     has_layer = models.teacher_layer in dict(teacher.model.named_modules())
     layer = models.teacher_layer if strategy.uses_features or has_layer else None
     views = augmentations if augmentations is not None else (config.recipe.augment,)
-    cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, mirrored="flip" in views)
+    if "shift" in views and strategy.uses_features:
+        raise UserError(
+            f"{config.method} compares hidden features, whose cache for 18 shift views would not fit in memory; "
+            "use --augment flip (or none) with feature methods"
+        )
+    cached = cached_teacher_outputs(
+        teacher.model, teacher.checksum, splits, layer, device, mirrored="flip" in views, shifted="shift" in views
+    )
     outputs = cached.outputs if strategy.uses_features else cached.outputs.without_features()
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 

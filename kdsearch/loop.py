@@ -26,6 +26,7 @@ from kdsearch.errors import UserError
 from kdsearch.losses import LossInputs, WeightedSum
 from kdsearch.taps import FeatureTap
 from kdsearch.teacher_outputs import TeacherOutputs, as_input, pick_rows
+from kdsearch.views import SHIFT_VIEWS, apply_views
 
 EVAL_BATCH_SIZE = 1024
 # How often (in steps) the running loss is checked for NaN/inf: each check syncs a GPU, and a
@@ -111,6 +112,7 @@ def make_optimizer(recipe: RecipeConfig, params: list[nn.Parameter]) -> torch.op
 class Batch:
     index: Tensor  # train rows
     flip: Tensor | None  # rows shown mirrored (flip augmentation), else None
+    view: Tensor | None = None  # each row's shift view (index into views.SHIFT_VIEWS), else None
 
 
 def batches(
@@ -124,7 +126,10 @@ def batches(
     for begin in range(0, n, batch_size):
         index = permutation[begin : begin + batch_size]
         flip = (torch.rand(len(index), generator=views) < 0.5).to(device) if augment == "flip" else None
-        yield Batch(index, flip)
+        shift = (
+            torch.randint(len(SHIFT_VIEWS), (len(index),), generator=views).to(device) if augment == "shift" else None
+        )
+        yield Batch(index, flip, shift)
 
 
 @dataclass
@@ -154,6 +159,8 @@ class Training:
         images = self.train.images[batch.index]
         if batch.flip is not None:
             images = pick_rows(batch.flip, images, images.flip(-1))
+        if batch.view is not None:
+            images = apply_views(images, batch.view)
         with autocast(self.recipe.precision, self.device):
             logits = self.model(as_input(images, self.device))
             features = self.tap.take() if self.tap is not None else None
@@ -161,7 +168,7 @@ class Training:
         if features is not None:
             inputs.student_features = features.float()
         if self.teacher is not None:
-            inputs.teacher_logits, inputs.teacher_features = self.teacher.rows(batch.index, batch.flip)
+            inputs.teacher_logits, inputs.teacher_features = self.teacher.rows(batch.index, batch.flip, batch.view)
         return inputs
 
     def step(self, batch: Batch, step: int) -> Tensor:
@@ -204,6 +211,8 @@ def fit(
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
     if recipe.augment == "flip" and teacher is not None and teacher.mirrored is None:
         raise ValueError("flip augmentation needs the teacher's outputs for the mirrored images")
+    if recipe.augment == "shift" and teacher is not None and teacher.shifted is None:
+        raise ValueError("shift augmentation needs the teacher's outputs for every shift view")
     check_precision(recipe.precision, device)
     if teacher is not None and teacher.features is not None and isinstance(loss_fn, WeightedSum):
         teacher = teacher.map_features(loss_fn.teacher_features_once)

@@ -26,6 +26,7 @@ from kdsearch.errors import warn
 from kdsearch.fsutil import atomic_write
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
+from kdsearch.views import SHIFT_VIEWS, apply_view, view_name
 
 if TYPE_CHECKING:
     from kdsearch.data import TensorSplits
@@ -52,12 +53,18 @@ class TeacherOutputs:
     features: Tensor | None
     layer: str | None
     mirrored: TeacherOutputs | None = None
+    shifted: Tensor | None = None  # (views, rows, classes): logits of every shift view
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
-    def rows(self, index: Tensor, flip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits and features of rows ``index``, each from the view it was shown in (``flip``)."""
+    def rows(
+        self, index: Tensor, flip: Tensor | None = None, view: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits and features of rows ``index``, each from the view it was shown in (``flip``, ``view``)."""
+        if view is not None:
+            assert self.shifted is not None, "shift augmentation needs the teacher's outputs per shift view"
+            return self.shifted[view, index], None
         logits = self.logits[index]
         features = self.features[index] if self.features is not None else None
         mirrored = self.mirrored if flip is not None else None
@@ -70,18 +77,19 @@ class TeacherOutputs:
     def to(self, device: torch.device) -> TeacherOutputs:
         features = self.features.to(device) if self.features is not None else None
         mirrored = self.mirrored.to(device) if self.mirrored is not None else None
-        return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored)
+        shifted = self.shifted.to(device) if self.shifted is not None else None
+        return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored, shifted)
 
     def map_features(self, transform: Callable[[Tensor], Tensor]) -> TeacherOutputs:
         """The same outputs with ``transform`` applied to the features of every view."""
         features = transform(self.features) if self.features is not None else None
         mirrored = self.mirrored.map_features(transform) if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, features, self.layer, mirrored)
+        return TeacherOutputs(self.logits, features, self.layer, mirrored, self.shifted)
 
     def without_features(self) -> TeacherOutputs:
         """Logits only (so features are not indexed per step by a logit-only method)."""
         mirrored = self.mirrored.without_features() if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, None, None, mirrored)
+        return TeacherOutputs(self.logits, None, None, mirrored, self.shifted)
 
 
 def as_input(images: Tensor, device: torch.device) -> Tensor:
@@ -100,8 +108,9 @@ def compute_teacher_outputs(
     batch_size: int = 512,
     *,
     mirrored: bool = False,
+    view: tuple[int, int, bool] | None = None,
 ) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images`` (flipped left-right when ``mirrored``)."""
+    """Run the frozen teacher once over ``images`` (flipped left-right when ``mirrored``, or in a shift ``view``)."""
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
@@ -111,6 +120,8 @@ def compute_teacher_outputs(
             batch = images[i : i + batch_size]
             if mirrored:
                 batch = batch.flip(-1)
+            if view is not None:
+                batch = apply_view(batch, view)
             logits.append(teacher(as_input(batch, device)).float().cpu())
             if tap is not None:
                 features.append(tap.take().float().contiguous().cpu())
@@ -177,6 +188,7 @@ def cached_teacher_outputs(
     device: torch.device,
     *,
     mirrored: bool = False,
+    shifted: bool = False,
 ) -> CachedOutputs:
     """Teacher outputs for ``splits.train`` (on ``device``), from the cache or computed once and cached.
 
@@ -189,6 +201,11 @@ def cached_teacher_outputs(
     if mirrored:
         outputs.mirrored, built_mirror = _view_outputs(teacher, checksum, splits, layer, device, "mirrored")
         built = built or built_mirror
+    if shifted:
+        # Logits only: one view's tapped features of CIFAR-10 fill hundreds of MB, 18 views gigabytes.
+        views = [_view_outputs(teacher, checksum, splits, None, device, view_name(v)) for v in SHIFT_VIEWS]
+        outputs.shifted = torch.stack([view.logits for view, _ in views])
+        built = built or any(made for _, made in views)
     return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)
 
 
@@ -203,7 +220,10 @@ def _view_outputs(
         outputs = _read_cache(str(path), key, rows, layer) if path.exists() else None
         if outputs is not None:
             return outputs, False
-        outputs = compute_teacher_outputs(teacher, splits.train.images, layer, device, mirrored=view == "mirrored")
+        shift = next((v for v in SHIFT_VIEWS if view_name(v) == view), None)
+        outputs = compute_teacher_outputs(
+            teacher, splits.train.images, layer, device, mirrored=view == "mirrored", view=shift
+        )
         blob = {
             "format": CACHE_FORMAT,
             "key": key,

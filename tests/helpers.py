@@ -83,6 +83,10 @@ def fit_tiny(
     return fit(model, loss_fn, train, recipe, device=device, **rest)
 
 
-def outputs_of(teacher: LoadedTeacher, splits: Any, layer: str | None, *, mirrored: bool = False) -> CachedOutputs:
+def outputs_of(
+    teacher: LoadedTeacher, splits: Any, layer: str | None, *, mirrored: bool = False, shifted: bool = False
+) -> CachedOutputs:
     """The teacher's cached outputs on the CPU (built on first use)."""
-    return cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, CPU, mirrored=mirrored)
+    return cached_teacher_outputs(
+        teacher.model, teacher.checksum, splits, layer, CPU, mirrored=mirrored, shifted=shifted
+    )

@@ -310,7 +310,7 @@ def test_cosine_schedule_changes_the_trained_student(pattern_folder: Path) -> No
     ("knob", "value", "message"),
     [
         ("lr_schedule", "step", "lr_schedule must be one of constant, cosine, got 'step'"),
-        ("augment", "crop", "augment must be one of none, flip, got 'crop'"),
+        ("augment", "crop", "augment must be one of none, flip, shift, got 'crop'"),
         ("optimizer", "lbfgs", "optimizer must be one of adam, adamw, sgd, got 'lbfgs'"),
         ("label_smoothing", 0.9, "label_smoothing must be at most 0.5, got 0.9"),
         ("weight_decay", -1e-4, "weight_decay must be at least 0, got -0.0001"),
@@ -390,3 +390,62 @@ def test_a_flip_run_prepares_the_mirrored_view_itself(pattern_teacher: Path, pat
     result = train_student(prepared)
     assert result.config.recipe.augment == "flip" and result.val_accuracy is not None and result.val_accuracy > 30
     assert prepare(pattern_config(pattern_folder, pattern_teacher, method="kd")).teacher.mirrored is None  # type: ignore[union-attr]
+
+
+class RecordingLogitsLoss(nn.Module):
+    """Cross-entropy that keeps the teacher logits the loop paired with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher_logits: list[torch.Tensor] = []
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        assert inputs.teacher_logits is not None and inputs.teacher_features is None
+        self.teacher_logits.append(inputs.teacher_logits.clone())
+        return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)
+
+
+def test_a_shift_view_moves_the_image_and_fills_with_zeros() -> None:
+    from kdsearch.views import SHIFT_VIEWS, apply_view
+
+    image = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8) + 1
+    right = apply_view(image, (4, 0, False))
+    assert torch.equal(right[..., :, 4:], image[..., :, :4]) and not right[..., :, :4].any()
+    up_mirrored = apply_view(image, (0, -4, True))
+    assert torch.equal(up_mirrored[..., :4, :], image[..., 4:, :].flip(-1)) and not up_mirrored[..., 4:, :].any()
+    assert len(SHIFT_VIEWS) == 18 and SHIFT_VIEWS[4] == (0, 0, False)
+    assert torch.equal(apply_view(image, SHIFT_VIEWS[4]), image)
+
+
+def test_shift_views_pair_each_row_with_the_teachers_outputs_for_that_view(
+    pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    """The student sees the view the teacher scored: cached outputs equal live teacher runs on the batch."""
+    splits = load_splits("imagefolder", pattern_folder, val_size=50)
+    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    cached = outputs_of(teacher, splits, None, shifted=True)
+    assert cached.built and cached.outputs.shifted is not None and cached.outputs.shifted.shape == (18, 250, 10)
+    assert not outputs_of(teacher, splits, None, shifted=True).built  # every view is cached once
+    student, loss_fn = RecordingStudent(), RecordingLogitsLoss()
+    fit_tiny(splits.train, student, loss_fn, epochs=1, teacher=cached.outputs, augment="shift")
+    plain = {row.numpy().tobytes() for row in splits.train.images}
+    moved = 0
+    for images, logits in zip(student.batches, loss_fn.teacher_logits, strict=True):
+        live = compute_teacher_outputs(teacher.model, images, None, CPU)
+        assert torch.allclose(logits, live.logits, atol=1e-5)
+        moved += sum(row.contiguous().numpy().tobytes() not in plain for row in images)
+    assert moved > 0.8 * len(splits.train)  # 17 of the 18 views move or mirror the image
+
+
+def test_shift_is_refused_for_feature_methods_and_left_out_of_the_default_space(
+    pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    from kdsearch.spaces import default_space
+    from kdsearch.strategies import get_strategy
+
+    with pytest.raises(UserError, match=r"cosine compares hidden features.*use --augment flip"):
+        prepare(pattern_config(pattern_folder, pattern_teacher, method="cosine", augment="shift"))
+    assert default_space(get_strategy("kd"))["augment"].choices == ("none", "flip")
+    config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment="shift", epochs=2)
+    result = train_student(prepare(config))
+    assert result.config.recipe.augment == "shift" and result.val_accuracy is not None and result.val_accuracy > 30
