@@ -26,6 +26,7 @@ from kdsearch.config import (
     DEVICE_KNOB,
     KNOBS,
     RECIPE_SPACE,
+    TEACHER_PRESETS,
     DataConfig,
     ModelsConfig,
     RecipeConfig,
@@ -165,6 +166,14 @@ def cli() -> None:
 @cli.command()
 @options(DataConfig, defaults={"val_size": 0})
 @click.option("--model", default="deepnn", show_default=True, help="deepnn or package.module:Class.")
+@click.option(
+    "--preset",
+    type=click.Choice(TEACHER_PRESETS),
+    default="tutorial",
+    show_default=True,
+    help="A measured recipe: tutorial (10 epochs of Adam 1e-3, for reproduction) or strong (see the README); "
+    "recipe options given here override it.",
+)
 @options(RecipeConfig)
 @device_option
 @click.option(
@@ -176,7 +185,10 @@ def cli() -> None:
 )
 @json_option
 @quiet_option
-def teacher(model: str, device: str, out: str | None, as_json: bool, quiet: bool, **values: Any) -> None:
+@click.pass_context
+def teacher(
+    ctx: click.Context, model: str, preset: str, device: str, out: str | None, as_json: bool, quiet: bool, **values: Any
+) -> None:
     """Train a teacher (by default the tutorial's: 10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
     from kdsearch.teacher import TeacherConfig, run_teacher
 
@@ -184,7 +196,10 @@ def teacher(model: str, device: str, out: str | None, as_json: bool, quiet: bool
         DEVICE_KNOB.validate("device", device)
     except ConfigError as exc:
         raise UserError(f"--device {exc.problem}") from None
-    config = TeacherConfig(build(DataConfig, values), model, build(RecipeConfig, values), device)
+    recipe_names = [name for name, _ in knobs_of(RecipeConfig)]
+    given = {name: values[name] for name in given_on_command_line(ctx, recipe_names)}
+    recipe = build(RecipeConfig, TEACHER_PRESETS[preset] | given)
+    config = TeacherConfig(build(DataConfig, values), model, recipe, device)
     result = run_teacher(config, out, progress=not quiet and not as_json)
     emit(
         result,

@@ -151,6 +151,22 @@ class LossConfig:
         object.__setattr__(self, "params", get_strategy(self.method).hyperparameters(dict(self.params)))
 
 
+# Teacher recipes by name, as recipe knob values over the defaults. `tutorial` is the tutorial's own
+# (the teacher its five runs distil from); `strong` is the best recipe measured for DeepNN on the
+# shared CIFAR-10 copy (README "A stronger teacher", bench/results/teacher-strong.json).
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    "tutorial": {},
+    "strong": {
+        "epochs": 15,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "lr_schedule": "cosine",
+        "weight_decay": 0.05,
+        "label_smoothing": 0.1,
+        "augment": "flip",
+    },
+}
+
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "models": ModelsConfig, "recipe": RecipeConfig}
 # Every knob's section, by its (unique) name: the flat namespace of CLI options and study attributes.
 SECTION_OF: dict[str, str] = {name: section for section, cls in SECTIONS.items() for name, _ in knobs_of(cls)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,6 +25,7 @@ from kdsearch.errors import ConfigError, UserError
 from kdsearch.export import trial_config
 from kdsearch.knobs import knobs_of
 from kdsearch.study import identity_keys
+from tests.helpers import run_cli
 
 SEARCH_KNOBS = {name for name, _ in knobs_of(SearchConfig)}
 
@@ -45,7 +47,14 @@ def test_every_command_line_option_is_a_config_field() -> None:
         "quiet",
     }
     assert option_names("optimize") == set(KNOBS) | SEARCH_KNOBS | {"method", "device", "as_json", "quiet"}
-    assert option_names("teacher") == knobs(DataConfig, RecipeConfig) | {"model", "device", "out", "as_json", "quiet"}
+    assert option_names("teacher") == knobs(DataConfig, RecipeConfig) | {
+        "model",
+        "preset",
+        "device",
+        "out",
+        "as_json",
+        "quiet",
+    }
     assert knobs(DataConfig) <= option_names("evaluate")
     train = {p.name: p for p in cli.commands["train"].params}
     for name, rule in KNOBS.items():
@@ -174,3 +183,18 @@ def test_help_does_not_import_torch() -> None:
         "--optimizer [adam|adamw|sgd]" in done.stdout and "--method [ce|cosine|dkd|hybrid|kd|regressor]" in done.stdout
     )
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_teacher_preset_is_a_recipe_the_options_override(
+    pattern_folder: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kdsearch.checkpoints import load_checkpoint
+    from kdsearch.config import TEACHER_PRESETS
+
+    out = tmp_path / "strong.pt"
+    args = ["teacher", "--dataset", "imagefolder", "--data-dir", pattern_folder, "--preset", "strong", "--epochs", "1"]
+    code, _, err = run_cli([*args, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    recorded = load_checkpoint(out).metadata["recipe"]
+    assert recorded == dataclasses.asdict(RecipeConfig(**(TEACHER_PRESETS["strong"] | {"epochs": 1})))
+    assert recorded["augment"] == "flip" and recorded["optimizer"] == "adamw"
