@@ -179,6 +179,9 @@ def student_metadata(prepared: Prepared, result: StudentResult) -> dict[str, Any
         "mean": list(splits.mean),
         "std": list(splits.std),
         "teacher_sha256": prepared.teacher_checksum,
+        # The rows it never trained on: a student exported as a teacher is then known not to have
+        # seen a search's validation images (see study.teacher_saw_validation).
+        "data": {"val_size": config.data.val_size, "limit_train": config.data.limit_train},
         "config": config.to_dict(),
         "val_accuracy": result.val_accuracy,
         "params": result.params,

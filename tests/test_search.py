@@ -422,3 +422,21 @@ def test_latency_objective_is_measured_and_minimised(
         assert trial.values[1] == trial.user_attrs["latency_ms"] > 0
         assert 0.25 <= trial.params["width"] <= 2.0  # a size objective searches the width
     assert json.loads(out)["objectives"] == ["accuracy", "latency"]
+
+
+def test_a_ce_study_of_deepnn_exports_a_teacher(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A teacher can come from kdsearch itself: the best DeepNN of a ce search, exported, distils."""
+    args = ["--method", "ce", "--student-model", "deepnn", "--trials", "1", "--epochs", "1", "--study-name", "t"]
+    assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+    exported = tmp_path / "teacher.pt"
+    assert run_cli(["export", "--study-name", "t", "--checkpoint", exported], capsys)[0] == 0
+    code, _, err = run_cli(
+        optimize(pattern_folder, exported, "--method", "kd", "--trials", "1", "--epochs", "1", "--study-name", "s"),
+        capsys,
+    )
+    assert code == 0, err
+    assert "warning" not in err  # it trained without the 50 validation rows, and says so
+    study = load(home, "s")
+    assert study.user_attrs["teacher_saw_validation"] is False and study.user_attrs["teacher"] == str(exported)
