@@ -33,7 +33,8 @@ bench-speed:
 # One 30-trial, 10-epoch study per method (ce first: the control), each confirmed with `kdsearch confirm
 # --top 3 --seeds 5` against the hand-set config and the CE study; resumable, rows in bench/results/studies.json.
 bench-studies:
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR) --methods ce,kd,dkd,cosine,regressor,hybrid --n-jobs 2
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR) --methods ce,kd,dkd,cosine,regressor,hybrid --n-jobs 2 \
+		--teacher bench/teachers/deepnn-cifar10-jpeg-strong-val5000.pt
 
 # Accuracy against size: a 30-trial multi-objective kd study, its Pareto front tested and plotted.
 bench-pareto:

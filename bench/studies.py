@@ -1,20 +1,24 @@
 """One seeded study per method on the shared CIFAR-10 copy, each confirmed over seeds against a CE control.
 
 For each method: `kdsearch optimize` (default 30 trials x 10 epochs, median pruning, sampler seed
-42, 5,000 validation images, the default search teacher, which never saw those 5,000 images), then
+42, 5,000 validation images, the teacher given, which must never have seen those 5,000 images;
+methods that compare only logits, and ce, also search the `shift` views of
+bench/spaces/augment-shift.yaml, so the studies measure whether they help), then
 `kdsearch confirm --top 3 --seeds 5`: the study's 3 best configs re-trained with 5 seeds on the
 search's own split, the winner chosen on mean validation accuracy and tested, seed for seed,
 against the hand-set config and against the confirmed CE study (the control: does distillation
 pay on top of a tuned recipe?). The `ce` study runs first so it can serve as the control. Every
 number lands in bench/results/studies.json (resumable: a method already there is skipped unless
 --redo names it, and `optimize`/`confirm` resume their studies anyway), and the table printed at the
-end is the README's.
+end is the README's. The studies live in bench/studies/studies.db (committed as they progress, so a
+later session on a fresh machine resumes them instead of starting over).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,6 +28,15 @@ from typing import Any
 from tutorial import RESULTS, kdsearch
 
 CONTROL = "ce"
+BENCH = Path(__file__).resolve().parent
+SHIFT_SPACE = BENCH / "spaces" / "augment-shift.yaml"
+
+
+def space_for(method: str, shift: bool) -> list[str]:
+    """``--space`` adding the shift views, for methods whose teacher outputs fit a cache of 18 views."""
+    from kdsearch.strategies import get_strategy
+
+    return ["--space", str(SHIFT_SPACE)] if shift and not get_strategy(method).uses_features else []
 
 
 def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[str, Any], wall: float) -> dict:
@@ -65,7 +78,10 @@ def main() -> int:
     parser.add_argument("--n-jobs", type=int, default=1, help="Worker processes per study.")
     parser.add_argument("--redo", default="", help="Methods to run again although their row exists.")
     parser.add_argument("--results", default=str(RESULTS / "studies.json"))
+    parser.add_argument("--storage", default=f"sqlite:///{BENCH / 'studies' / 'studies.db'}")
+    parser.add_argument("--no-shift", action="store_true", help="Search the default augmentations only.")
     args = parser.parse_args()
+    os.environ["KDSEARCH_STORAGE"] = args.storage
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
     data += ["--device", args.device] + (["--teacher", args.teacher] if args.teacher else [])
     out_path = Path(args.results)
@@ -81,6 +97,7 @@ def main() -> int:
         search, _ = kdsearch(
             "optimize", "--method", method, *data, "--trials", str(args.trials), "--epochs", str(args.epochs),
             "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "--json", "-q",
+            *space_for(method, not args.no_shift),
         )  # fmt: skip
         against = [] if method == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
         summary, _ = kdsearch(
@@ -96,6 +113,7 @@ def main() -> int:
             "-q",
         )
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
+        row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
         rows = [r for r in rows if r["method"] != method] + [row]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
