@@ -414,8 +414,9 @@ def teacher_command(
 ) -> list[str]:
     """A DeepNN teacher; ``val_size`` as the studies', so it never saw the images they validate on."""
     return kdsearch(
-        "teacher", "--dataset", "imagefolder", "--data-dir", str(data_dir), "--val-size", str(val_size),
-        "--epochs", str(epochs), "--seed", "42", "--device", device, "--json", "-q", "--out", str(out),
+        "teacher", "--preset", "tutorial", "--dataset", "imagefolder", "--data-dir", str(data_dir),
+        "--val-size", str(val_size), "--epochs", str(epochs), "--seed", "42", "--device", device, "--json", "-q",
+        "--out", str(out),
         python=python,
     )  # fmt: skip
 

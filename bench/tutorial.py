@@ -51,7 +51,7 @@ def main() -> int:
     teacher_path = default_teacher(data)
     if args.retrain_teacher or not teacher_path.exists():
         start = time.perf_counter()
-        result, shown = kdsearch("teacher", *data, "--json")
+        result, shown = kdsearch("teacher", *data, "--preset", "tutorial", "--json")
         rows.append(
             {
                 "run": "teacher",
@@ -74,7 +74,9 @@ def main() -> int:
         )
     for method in ("ce", "kd", "cosine", "regressor"):
         start = time.perf_counter()
-        result, shown = kdsearch("train", "--method", method, *data, "--val-size", "0", "--json", "-q")
+        result, shown = kdsearch(
+            "train", "--method", method, *data, "--teacher-preset", "tutorial", "--val-size", "0", "--json", "-q"
+        )
         rows.append(
             {
                 "run": method,

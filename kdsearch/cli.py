@@ -23,6 +23,7 @@ import click
 from click.core import ParameterSource
 
 from kdsearch.config import (
+    DEFAULT_TEACHER_PRESET,
     DEVICE_KNOB,
     KNOBS,
     RECIPE_SPACE,
@@ -169,10 +170,10 @@ def cli() -> None:
 @click.option(
     "--preset",
     type=click.Choice(TEACHER_PRESETS),
-    default="tutorial",
+    default=DEFAULT_TEACHER_PRESET,
     show_default=True,
-    help="A measured recipe: tutorial (10 epochs of Adam 1e-3, for reproduction) or strong (see the README); "
-    "recipe options given here override it.",
+    help="A measured recipe: strong (the search's default teacher; see the README) or tutorial (10 epochs of "
+    "Adam 1e-3, for reproduction); recipe options given here override it.",
 )
 @options(RecipeConfig)
 @device_option
@@ -189,7 +190,7 @@ def cli() -> None:
 def teacher(
     ctx: click.Context, model: str, preset: str, device: str, out: str | None, as_json: bool, quiet: bool, **values: Any
 ) -> None:
-    """Train a teacher (by default the tutorial's: 10 epochs, Adam 1e-3, batch 128, seed 42) and save it."""
+    """Train a teacher (by default the strong preset, the one a search trains when given none) and save it."""
     from kdsearch.teacher import TeacherConfig, run_teacher
 
     try:

@@ -40,6 +40,26 @@ MAX_SEED = 2**32 - 2
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
 
 
+# Teacher recipes by name, as recipe knob values over the defaults. `tutorial` is the tutorial's own
+# (the teacher its five runs distil from); `strong` is the best recipe measured for DeepNN on the
+# shared CIFAR-10 copy (README "A stronger teacher", bench/results/teacher-strong.json).
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    "tutorial": {},
+    "strong": {
+        "epochs": 15,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "lr_schedule": "cosine",
+        "weight_decay": 0.05,
+        "label_smoothing": 0.1,
+        "augment": "flip",
+    },
+}
+# A search's default teacher must be one distillation can gain from: the tutorial's teacher is
+# weaker than a tuned student (README "Searched against hand-set hyperparameters").
+DEFAULT_TEACHER_PRESET = "strong"
+
+
 @dataclass(frozen=True)
 class DataConfig(Section):
     """Which images, and how the train split is cut."""
@@ -76,6 +96,12 @@ class ModelsConfig(Section):
         "records].",
         kind=str,
         optional=True,
+    )
+    teacher_preset: str = knob(
+        DEFAULT_TEACHER_PRESET,
+        "Recipe of the dataset's default teacher, trained once when --teacher is not given: strong (the best "
+        "measured, for searches) or tutorial (the tutorial's, to reproduce its numbers).",
+        choices=tuple(TEACHER_PRESETS),
     )
     student_model: str = knob("lightnn", "lightnn, deepnn or package.module:Class.", identity=True)
     teacher_layer: str = knob("features", "Teacher layer tapped for features.", identity=True)
@@ -150,22 +176,6 @@ class LossConfig:
             raise ConfigError("params", f"must be a mapping of name to value, got {self.params!r}")
         object.__setattr__(self, "params", get_strategy(self.method).hyperparameters(dict(self.params)))
 
-
-# Teacher recipes by name, as recipe knob values over the defaults. `tutorial` is the tutorial's own
-# (the teacher its five runs distil from); `strong` is the best recipe measured for DeepNN on the
-# shared CIFAR-10 copy (README "A stronger teacher", bench/results/teacher-strong.json).
-TEACHER_PRESETS: dict[str, dict[str, Any]] = {
-    "tutorial": {},
-    "strong": {
-        "epochs": 15,
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "lr_schedule": "cosine",
-        "weight_decay": 0.05,
-        "label_smoothing": 0.1,
-        "augment": "flip",
-    },
-}
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "models": ModelsConfig, "recipe": RecipeConfig}
 # Every knob's section, by its (unique) name: the flat namespace of CLI options and study attributes.

@@ -71,7 +71,9 @@ def prepare(
         if not path.is_file():
             raise UserError(f"teacher checkpoint {path} does not exist")
     else:
-        path = ensure_default_teacher(data, models.teacher_model, splits, device, progress=progress, log=log)
+        path = ensure_default_teacher(
+            data, models.teacher_model, models.teacher_preset, splits, device, progress=progress, log=log
+        )
     teacher = load_teacher(path, models.teacher_model, splits, device)
     # The tapped layer is cached even for logit-only methods (when the teacher has it), so one
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.

@@ -21,7 +21,7 @@ from torch import nn
 
 from kdsearch import __version__
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
-from kdsearch.config import DataConfig, RecipeConfig
+from kdsearch.config import TEACHER_PRESETS, DataConfig, RecipeConfig
 from kdsearch.data import TensorSplits, load_splits
 from kdsearch.errors import UserError
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
@@ -32,8 +32,11 @@ from kdsearch.paths import cache_dir, home_dir
 from kdsearch.strategies import get_strategy
 
 TUTORIAL_TEACHER = "deepnn"
-# How a search's default teacher is trained: the tutorial's recipe.
-DEFAULT_TEACHER_RECIPE = RecipeConfig()
+
+
+def preset_recipe(preset: str) -> RecipeConfig:
+    """The recipe a named teacher preset trains with (``kdsearch.config.TEACHER_PRESETS``)."""
+    return RecipeConfig(**TEACHER_PRESETS[preset])
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ def load_teacher(
 def ensure_default_teacher(
     data: DataConfig,
     model: str | None,
+    preset: str,
     splits: TensorSplits,
     device: torch.device,
     *,
@@ -190,16 +194,22 @@ def ensure_default_teacher(
 ) -> Path:
     """The dataset's default teacher for runs with ``data``'s validation split, trained once if missing.
 
+    It trains with the ``preset`` recipe, so it lives where ``kdsearch teacher --preset P --val-size V``
+    saves by default: training it ahead of a search is the same teacher.
+
     It holds out the same ``val_size`` validation rows as the run (the split is one seeded
     permutation), so a search never validates on images whose labels its teacher learnt. It trains
     on every other train row, whatever ``limit_train`` says, so one teacher serves all.
     """
     name = model or TUTORIAL_TEACHER
-    recipe = DEFAULT_TEACHER_RECIPE
+    recipe = preset_recipe(preset)
     path = default_teacher_path(splits, name, recipe, data.val_size)
     if not path.exists():
         if log is not None:
-            log(f"no teacher for this dataset and validation split yet: training one ({recipe.epochs} epochs): {path}")
+            log(
+                f"no {preset} teacher for this dataset and validation split yet: training one "
+                f"({recipe.epochs} epochs; on a CPU this takes a while, once): {path}"
+            )
         held_out = load_splits(data.dataset, data.data_dir, val_size=data.val_size, cache_dir=cache_dir())
         settings = {"val_size": data.val_size, "limit_train": None}
         train_teacher(held_out.to(device), name, recipe, device, path, progress=progress, data_settings=settings)

@@ -144,8 +144,8 @@ def test_step_command_lines(tmp_path: Path) -> None:
         PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "device or precision or cuda"
     ]  # fmt: skip
     assert gpu.teacher_command(Path("/s"), Path("/w/t.pt"), 5, 1000, python=PY) == [
-        PY, "-m", "kdsearch", "teacher", "--dataset", "imagefolder", "--data-dir", "/s", "--val-size", "1000",
-        "--epochs", "5", "--seed", "42", "--device", "cuda", "--json", "-q", "--out", "/w/t.pt",
+        PY, "-m", "kdsearch", "teacher", "--preset", "tutorial", "--dataset", "imagefolder", "--data-dir", "/s",
+        "--val-size", "1000", "--epochs", "5", "--seed", "42", "--device", "cuda", "--json", "-q", "--out", "/w/t.pt",
     ]  # fmt: skip
     assert gpu.train_command(Path("/s"), Path("/t.pt"), "cpu", 3, out=Path("/w/c.pt"), python=PY) == [
         PY, "-m", "kdsearch", "train", "--method", "kd", "--dataset", "imagefolder", "--data-dir", "/s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
 
 from kdsearch.checkpoints import load_checkpoint
-from kdsearch.config import KNOBS, RecipeConfig
+from kdsearch.config import DEFAULT_TEACHER_PRESET, KNOBS, TEACHER_PRESETS, RecipeConfig
 from kdsearch.distill import prepare
 from kdsearch.spaces import default_space, space_to_dict
 from kdsearch.strategies import METHODS, get_strategy
@@ -322,10 +323,10 @@ def test_the_default_search_teacher_holds_out_the_validation_images(
     pattern_folder: Path, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --teacher, a search's teacher is trained once without the search's validation rows."""
-    import kdsearch.teacher
-
-    # Two epochs instead of the tutorial's ten: what is tested is which rows it trains on, not how well.
-    monkeypatch.setattr(kdsearch.teacher, "DEFAULT_TEACHER_RECIPE", RecipeConfig(epochs=2))
+    # Two epochs of the default (strong) preset: what is tested is which rows it trains on, not how well.
+    monkeypatch.setitem(
+        TEACHER_PRESETS, DEFAULT_TEACHER_PRESET, TEACHER_PRESETS[DEFAULT_TEACHER_PRESET] | {"epochs": 2}
+    )
     prepared = prepare(pattern_config(pattern_folder, None, method="kd"))  # 50 validation images
     assert prepared.teacher_path is not None and prepared.teacher_path.name.endswith("-val50.pt")
     assert prepared.teacher_metadata["data"]["val_size"] == 50 and prepared.teacher_metadata["train_images"] == 250
@@ -333,13 +334,36 @@ def test_the_default_search_teacher_holds_out_the_validation_images(
     stamp = prepared.teacher_path.stat().st_mtime_ns
     again = prepare(pattern_config(pattern_folder, None, method="cosine"))
     assert again.teacher_path == prepared.teacher_path and prepared.teacher_path.stat().st_mtime_ns == stamp
-    # A run on the whole split (no validation) gets the tutorial's teacher, trained on every image.
+    assert prepared.teacher_metadata["recipe"]["optimizer"] == TEACHER_PRESETS[DEFAULT_TEACHER_PRESET]["optimizer"]
+    # A run on the whole split (no validation) gets another teacher, trained on every image.
     whole = prepare(pattern_config(pattern_folder, None, method="kd", val_size=0))
     assert whole.teacher_path is not None and whole.teacher_path != prepared.teacher_path
     assert whole.teacher_metadata["train_images"] == 300
     assert sorted(p.name for p in (home / "teachers").glob("*.pt")) == sorted(
         [prepared.teacher_path.name, whole.teacher_path.name]
     )
+
+
+def test_teacher_preset_tutorial_gives_the_tutorial_teacher_which_kdsearch_teacher_trains_ahead(
+    pattern_folder: Path, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--teacher-preset tutorial` trains (once) the tutorial's recipe, where `kdsearch teacher` saves it."""
+    monkeypatch.setitem(TEACHER_PRESETS, "tutorial", {"epochs": 1})
+    code, out, err = run_cli(
+        ["teacher", *DATA, "--data-dir", str(pattern_folder), "--preset", "tutorial", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    ahead = Path(json.loads(out)["checkpoint"])
+    stamp = ahead.stat().st_mtime_ns
+    tutorial = prepare(pattern_config(pattern_folder, None, method="kd", teacher_preset="tutorial"))
+    assert tutorial.teacher_path == ahead and ahead.stat().st_mtime_ns == stamp  # found, not retrained
+    assert tutorial.teacher_metadata["recipe"] == dataclasses.asdict(RecipeConfig(epochs=1))
+    # The default preset is another teacher: the strong recipe (here cut to one epoch).
+    monkeypatch.setitem(TEACHER_PRESETS, "strong", TEACHER_PRESETS["strong"] | {"epochs": 1})
+    strong = prepare(pattern_config(pattern_folder, None, method="kd"))
+    assert strong.teacher_path != ahead
+    assert strong.teacher_metadata["recipe"]["optimizer"] == "adamw"
 
 
 @pytest.mark.parametrize(
