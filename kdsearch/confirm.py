@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +27,17 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.config import RunConfig
 from kdsearch.distill import Prepared, prepare, train_student
 from kdsearch.errors import UserError
-from kdsearch.export import best_trials, trial_run_config
+from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
 from kdsearch.loop import DivergedError, evaluate
 from kdsearch.storage import load_existing_study, open_storage, redact
 from kdsearch.strategies import get_strategy
 
 HAND_SET = "hand-set"
+# Seconds between a confirmation run's heartbeats: a run whose worker died goes stale after two
+# missed beats and is failed and enqueued again, so the workers waiting for it never wait forever.
+HEARTBEAT_SECONDS = 30
+# How often a worker with nothing left to run looks whether the others' runs have finished.
+POLL_SECONDS = 2.0
 # Two-sided 95 % quantiles of Student's t by degrees of freedom; past 30 the normal's 1.96 is within 2 %.
 T_975 = (
     *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131),
@@ -79,12 +85,16 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
     attrs = {key: value for key, value in study.user_attrs.items() if key in ("method", *base.flat())}
     arms[HAND_SET] = RunConfig.from_flat(attrs | {"hyperparameters": {}}, origin=f"of study {study.study_name!r}")
     if against != HAND_SET:
-        control_study, _ = load_existing_study(storage_url, against)
+        control_study, control_url = load_existing_study(storage_url, against)
         if control_study.user_attrs.get("data_fingerprint") != study.user_attrs.get("data_fingerprint") or (
             control_study.user_attrs.get("val_size") != study.user_attrs.get("val_size")
         ):
             raise UserError(f"--against {against}: that study searched other data or another validation split")
-        (best,) = best_trials(control_study, 1)
+        # The control's own confirmed winner when it has been confirmed (a pick over seeds, as this
+        # study's is), else its best trial.
+        (best,) = confirmed_first(
+            control_study, best_trials(control_study, 1), confirmation(control_study, control_url), 1
+        )
         control = trial_run_config(control_study, best)
         if get_strategy(control.method).uses_teacher and control.method != base.method:
             raise UserError(f"--against {against}: a control must need no teacher (a ce study) or share the method")
@@ -156,7 +166,7 @@ def run_confirm(
     seed_list = [base.recipe.seed + i for i in range(seeds)]
     views = tuple(sorted({config.recipe.augment for config in arms.values()}))
     prepared = prepare(base, augmentations=views, progress=progress, log=log)
-    storage = open_storage(url)
+    storage = open_storage(url, heartbeat=HEARTBEAT_SECONDS)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     companion = optuna.create_study(
         storage=storage, study_name=companion_name(study_name), direction="maximize", load_if_exists=True
@@ -164,13 +174,28 @@ def run_confirm(
     for key, value in {"confirms": study_name, "method": base.method, "objectives": ["accuracy"]}.items():
         companion.set_user_attr(key, value)
     _enqueue(companion, arms, seed_list)
-    objective = ConfirmObjective(prepared, arms, seed_list)
-    while companion.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        companion.optimize(objective, n_trials=1)
+    work_through(companion, ConfirmObjective(prepared, arms, seed_list))
     summary = summarise(companion, arms, seed_list)
     summary["storage"] = redact(url)
     companion.set_user_attr("summary", summary)
     return summary
+
+
+def work_through(companion: optuna.Study, objective: ConfirmObjective) -> None:
+    """Run waiting runs, then wait for the runs other workers hold, so every worker's summary is whole.
+
+    A run whose worker died stops beating; ``fail_stale_trials`` fails it, the storage's retry
+    callback enqueues it again, and this worker runs it.
+    """
+    while True:
+        if companion.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            companion.optimize(objective, n_trials=1)
+            continue
+        running = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not any(t.user_attrs.get("enqueued") for t in running):
+            return
+        optuna.storages.fail_stale_trials(companion)
+        time.sleep(POLL_SECONDS)
 
 
 def summarise(companion: optuna.Study, arms: dict[str, RunConfig], seeds: list[int]) -> dict[str, Any]:

@@ -116,6 +116,29 @@ def test_a_ce_study_is_the_control(
     )
 
 
+def test_the_control_is_its_studys_confirmed_winner(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A confirmed control is compared through the config its own confirmation chose, not its one-seed best."""
+    for method, trials in (("kd", "1"), ("ce", "3")):
+        args = ["--method", method, "--trials", trials, "--epochs", "1"]
+        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+    ce = load(home, "ce-imagefolder")
+    ranked = sorted((t for t in ce.trials if t.value is not None), key=lambda t: -t.value)
+    runner_up = ranked[-1]
+    assert runner_up.number != ranked[0].number
+    companion = optuna.create_study(study_name="ce-imagefolder-confirm", storage=ce._storage)
+    companion.set_user_attr("summary", {"chosen": f"trial-{runner_up.number}"})
+    code, out, err = run_cli(
+        ["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "1", "--against", "ce-imagefolder",
+         "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    control = next(r for r in json.loads(out)["rows"] if r["arm"] == "control-ce-imagefolder")
+    assert control["params"]["lr"] == runner_up.params["lr"] != ranked[0].params["lr"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -153,11 +176,15 @@ def test_two_confirm_workers_share_one_postgres_study(
     try:
         args = ["--method", "kd", "--trials", "2", "--epochs", "1", "--study-name", name, *storage]
         assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
-        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "-q", *storage]
+        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--json", "-q", *storage]
         workers = [spawn(command, home) for _ in range(2)]
+        summaries = []
         for worker in workers:
-            _, err = worker.communicate(timeout=300)
+            out, err = worker.communicate(timeout=300)
             assert worker.returncode == 0, err
+            summaries.append(json.loads(out))
+        # The worker that runs out of work first waits for the other's runs: both summaries are whole.
+        assert summaries[0] == summaries[1] and len(summaries[0]["rows"]) == 3
         runs = optuna.load_study(study_name=f"{name}-confirm", storage=POSTGRES_URL).get_trials()
         done = {(t.params["arm"], t.params["seed"]) for t in runs if t.state == TrialState.COMPLETE}
         assert len(done) == 6 and not [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL)]
