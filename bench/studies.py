@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,23 @@ def space_for(method: str, shift: bool) -> list[str]:
     from kdsearch.strategies import get_strategy
 
     return ["--space", str(SHIFT_SPACE)] if shift and not get_strategy(method).uses_features else []
+
+
+def confirm_with_workers(workers: int, args: list[str]) -> dict[str, Any]:
+    """`kdsearch confirm` run by ``workers`` processes sharing its companion study, the cores split between them.
+
+    Each worker prints the whole summary (one that runs out of runs waits for the others'), so the
+    first one's is the result.
+    """
+    print(f"$ kdsearch {' '.join(args)}  (x{workers} workers)", file=sys.stderr, flush=True)
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    command = [sys.executable, "-m", "kdsearch", *args]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
+    outputs = [process.communicate()[0] for process in processes]
+    for process in processes:
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command)
+    return json.loads(outputs[0])
 
 
 def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[str, Any], wall: float) -> dict:
@@ -100,18 +118,8 @@ def main() -> int:
             *space_for(method, not args.no_shift),
         )  # fmt: skip
         against = [] if method == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
-        summary, _ = kdsearch(
-            "confirm",
-            "--study-name",
-            name,
-            "--top",
-            str(args.top),
-            "--seeds",
-            str(args.seeds),
-            *against,
-            "--json",
-            "-q",
-        )
+        confirm = ["confirm", "--study-name", name, "--top", str(args.top), "--seeds", str(args.seeds), *against]
+        summary = confirm_with_workers(args.n_jobs, [*confirm, "--json", "-q"])
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
         rows = [r for r in rows if r["method"] != method] + [row]
