@@ -115,6 +115,20 @@ class ConfirmObjective:
             raise optuna.TrialPruned("nothing left to confirm")  # another worker took the last run
         arm = str(trial.suggest_categorical("arm", list(self.arms)))
         seed = trial.suggest_int("seed", min(self.seeds), max(self.seeds))
+        # Two workers starting together may both enqueue a run: the second copy is not trained.
+        duplicate = next(
+            (
+                t.number
+                for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number != trial.number
+                and run_of(t) == (arm, seed)
+                and (t.state == TrialState.COMPLETE or t.number < trial.number)
+            ),
+            None,
+        )
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate)
+            raise optuna.TrialPruned(f"(arm, seed) already run by trial {duplicate}")
         config = self.arms[arm].with_values({"seed": seed})
         try:
             result = train_student(self.prepared, config)
@@ -126,12 +140,18 @@ class ConfirmObjective:
         return result.val_accuracy
 
 
+def run_of(trial: FrozenTrial) -> tuple[Any, Any]:
+    """A confirmation run's (arm, seed): its parameters, or while it waits, the ones it was enqueued with."""
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    return params.get("arm"), params.get("seed")
+
+
 def _enqueue(study: optuna.Study, arms: dict[str, RunConfig], seeds: list[int]) -> None:
-    """Every (arm, seed) not yet finished; a run that failed is enqueued again."""
+    """Every (arm, seed) not yet finished, running or waiting; a run that failed is enqueued again."""
     finished = {
-        (t.params.get("arm"), t.params.get("seed"))
+        run_of(t)
         for t in study.get_trials(deepcopy=False)
-        if t.state != TrialState.FAIL and t.user_attrs.get("enqueued")
+        if t.state != TrialState.FAIL and t.user_attrs.get("enqueued") and "duplicate_of" not in t.user_attrs
     }
     for arm in arms:
         for seed in seeds:

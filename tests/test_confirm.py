@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import TrialState
 
 from kdsearch.config import RunConfig
-from kdsearch.confirm import paired_interval, t_quantile
+from kdsearch.confirm import ConfirmObjective, _enqueue, paired_interval, t_quantile
 from tests.helpers import files_under, run_cli
 from tests.test_search import load, optimize
 
@@ -114,6 +114,35 @@ def test_a_ce_study_is_the_control(
             capsys,
         )[1]
     )
+
+
+def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
+    """Waiting runs (left by a killed confirm) are not enqueued again; a copy that slipped in is not trained."""
+    study = optuna.create_study(direction="maximize")
+    arms = {"trial-0": RunConfig(), "hand-set": RunConfig()}
+    _enqueue(study, arms, [42, 43])
+    _enqueue(study, arms, [42, 43])  # the re-run: every run is still waiting
+    assert sorted(t.system_attrs["fixed_params"]["seed"] for t in study.trials) == [42, 42, 43, 43]
+    done = optuna.create_trial(
+        params={"arm": "trial-0", "seed": 42},
+        distributions={
+            "arm": optuna.distributions.CategoricalDistribution(list(arms)),
+            "seed": optuna.distributions.IntDistribution(42, 43),
+        },
+        value=60.0,
+        user_attrs={"enqueued": True},
+    )
+    fresh = optuna.create_study(direction="maximize")
+    fresh.add_trial(done)
+    fresh.enqueue_trial({"arm": "trial-0", "seed": 42}, user_attrs={"enqueued": True})  # two workers' race
+    # No data is prepared: a duplicate is turned away before anything trains.
+    fresh.optimize(ConfirmObjective(None, arms, [42, 43]), n_trials=1)  # type: ignore[arg-type]
+    copy = fresh.trials[1]
+    assert copy.state == TrialState.PRUNED and copy.user_attrs["duplicate_of"] == 0
+    _enqueue(fresh, arms, [42])
+    assert [t.system_attrs["fixed_params"] for t in fresh.get_trials(states=(TrialState.WAITING,))] == [
+        {"arm": "hand-set", "seed": 42}
+    ]
 
 
 def test_the_control_is_its_studys_confirmed_winner(
