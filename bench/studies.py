@@ -81,6 +81,33 @@ def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[
     }
 
 
+def median_of(summary: dict[str, Any], arm_prefix: str) -> float | None:
+    row = next((r for r in summary["rows"] if r["arm"].startswith(arm_prefix) and r["test_runs"]), None)
+    return statistics.median(row["test_runs"]) if row else None
+
+
+def print_table(rows: list[dict[str, Any]], control: str, out_path: Path) -> None:
+    """The README's table: medians over the seeds, and the paired differences with their intervals."""
+    print(
+        "| method | augment | trials (pruned) | confirmed test %, median | hand-set | CE control | "
+        "− hand-set | − CE control | wall |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        summary = r.get("confirm", {"rows": []})
+        control_median = median_of(summary, "control-")
+        against = r["chosen_minus"].get(control, {}).get("interval", "—")
+        print(
+            f"| {r['method']} | {r['chosen_params'].get('augment', 'none')} | {r['trials']} ({r['pruned']}) | "
+            f"**{r['chosen_test_median']:.2f}** | {r['hand_set_test_median']:.2f} | "
+            f"{'—' if control_median is None else f'{control_median:.2f}'} | "
+            f"{r['chosen_minus']['hand-set']['interval']} | {against} | "
+            f"{r['wall_seconds'] / 60:.0f} min |"
+        )
+    print(f"(medians over {len(rows[0]['seeds']) if rows else 0} seeds; differences paired by seed, mean ± 95 % CI,")
+    print(f" in points; every run in {out_path})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
@@ -98,12 +125,16 @@ def main() -> int:
     parser.add_argument("--results", default=str(RESULTS / "studies.json"))
     parser.add_argument("--storage", default=f"sqlite:///{BENCH / 'studies' / 'studies.db'}")
     parser.add_argument("--no-shift", action="store_true", help="Search the default augmentations only.")
+    parser.add_argument("--table", action="store_true", help="Print the table of the results file and stop.")
     args = parser.parse_args()
     os.environ["KDSEARCH_STORAGE"] = args.storage
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
     data += ["--device", args.device] + (["--teacher", args.teacher] if args.teacher else [])
     out_path = Path(args.results)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
+    if args.table:
+        print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path)
+        return 0
     methods = args.methods.split(",")
     if CONTROL in methods:
         methods = [CONTROL, *[m for m in methods if m != CONTROL]]
@@ -122,20 +153,12 @@ def main() -> int:
         summary = confirm_with_workers(args.n_jobs, [*confirm, "--json", "-q"])
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
+        row["confirm"] = summary  # every arm's validation mean and test runs
         rows = [r for r in rows if r["method"] != method] + [row]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
         print(json.dumps(row), flush=True)
-    header = f"confirmed test % (median, {args.seeds} seeds)"
-    print(f"| method | trials | pruned | {header} | − hand-set | − CE control | wall |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        control = r["chosen_minus"].get(f"control-{args.prefix}-{CONTROL}", {}).get("interval", "—")
-        print(
-            f"| {r['method']} | {r['trials']} | {r['pruned']} | {r['chosen_test_median']:.2f} | "
-            f"{r['chosen_minus']['hand-set']['interval']} | {control} | {r['wall_seconds'] / 60:.0f} min |"
-        )
-    print(f"(differences: paired by seed, mean ± 95 % CI, in points; runs in {out_path})")
+    print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path)
     return 0
 
 
