@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -214,7 +215,9 @@ def work_through(companion: optuna.Study, objective: ConfirmObjective) -> None:
         running = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not any(t.user_attrs.get("enqueued") for t in running):
             return
-        optuna.storages.fail_stale_trials(companion)
+        with warnings.catch_warnings():  # experimental in Optuna, but the one public way to reap dead runs
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(companion)
         time.sleep(POLL_SECONDS)
 
 

@@ -211,6 +211,7 @@ def test_two_confirm_workers_share_one_postgres_study(
         for worker in workers:
             out, err = worker.communicate(timeout=300)
             assert worker.returncode == 0, err
+            assert "Warning" not in err  # waiting for the other worker's runs says nothing
             summaries.append(json.loads(out))
         # The worker that runs out of work first waits for the other's runs: both summaries are whole.
         assert summaries[0] == summaries[1] and len(summaries[0]["rows"]) == 3
