@@ -30,7 +30,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # Train-time augmentations. Each is a fixed set of views of every image, so the frozen teacher's
 # outputs are cached once per view and never computed live (see kdsearch.teacher_outputs).
 AUGMENTATIONS = ("none", "flip", "shift")
-# The default search space leaves `shift` out until a benchmark shows it helps (opt in with --space/--fix).
+# The default search space leaves `shift` out: offered it, the ce and kd benchmark studies chose flip or
+# nothing (README "Does distillation pay?"). Opt in with --augment, --fix or a space file.
 SEARCHED_AUGMENTATIONS = ("none", "flip")
 # fp32, or autocast with bf16 (CPU and CUDA) or fp16 (CUDA, with a gradient scaler).
 PRECISIONS = ("fp32", "bf16", "fp16")
