@@ -57,7 +57,7 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # A search's default teacher must be one distillation can gain from: the tutorial's teacher is
-# weaker than a tuned student (README "Searched against hand-set hyperparameters").
+# weaker than a tuned student (README "Does distillation pay?").
 DEFAULT_TEACHER_PRESET = "strong"
 
 
