@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import RunConfig
+from kdsearch.config import RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, prepare, train_student
 from kdsearch.errors import UserError
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
@@ -241,7 +241,9 @@ def summarise(companion: optuna.Study, arms: dict[str, RunConfig], seeds: list[i
             "val_mean": statistics.fmean(t.value for t in complete[arm].values()),
             # Test accuracy is looked at for the chosen config and the baselines only.
             "test_runs": tests(arm) if arm == chosen or not arm.startswith("trial-") else None,
-            "params": {k: v for k, v in arms[arm].flat().items() if k in ("method", "lr", "optimizer", "augment")}
+            # Every recipe knob a search may set, not only the familiar ones: a winner's label smoothing
+            # or weight decay is part of what it found.
+            "params": {k: v for k, v in arms[arm].flat().items() if k == "method" or k in RECIPE_SPACE}
             | arms[arm].loss.params,
         }
         for arm in complete

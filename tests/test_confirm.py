@@ -166,6 +166,8 @@ def test_the_control_is_its_studys_confirmed_winner(
     assert code == 0, err
     control = next(r for r in json.loads(out)["rows"] if r["arm"] == "control-ce-imagefolder")
     assert control["params"]["lr"] == runner_up.params["lr"] != ranked[0].params["lr"]
+    # The summary names every searched recipe knob the control trained with, not a familiar few.
+    assert {k: control["params"][k] for k in runner_up.params} == runner_up.params
 
 
 @pytest.mark.parametrize(
