@@ -59,14 +59,23 @@ def confirm_with_workers(workers: int, args: list[str]) -> dict[str, Any]:
 
 def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[str, Any], wall: float) -> dict:
     """One table row: the chosen config's test runs and its paired differences to the baselines."""
-    chosen = next(r for r in summary["rows"] if r["chosen"])
-    hand_set = next(r for r in summary["rows"] if r["arm"] == "hand-set")
     return {
         "method": method,
         "study": name,
         "trials": search["complete"] + search["pruned"] + search["failed"],
         "pruned": search["pruned"],
         "best_val_accuracy": search["best_value"],
+        **from_summary(summary),
+        "optimize_seconds": round(search["wall_seconds"], 1),
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def from_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The part of a row that `kdsearch confirm`'s summary decides."""
+    chosen = next(r for r in summary["rows"] if r["chosen"])
+    hand_set = next(r for r in summary["rows"] if r["arm"] == "hand-set")
+    return {
         "seeds": summary["seeds"],
         "chosen": summary["chosen"],
         "chosen_params": chosen["params"],
@@ -76,8 +85,6 @@ def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[
         "hand_set_test_runs": hand_set["test_runs"],
         "hand_set_test_median": statistics.median(hand_set["test_runs"]),
         "chosen_minus": summary["chosen_minus"],
-        "optimize_seconds": round(search["wall_seconds"], 1),
-        "wall_seconds": round(wall, 1),
     }
 
 
@@ -139,6 +146,12 @@ def main() -> int:
     parser.add_argument("--storage", default=f"sqlite:///{BENCH / 'studies' / 'studies.db'}")
     parser.add_argument("--no-shift", action="store_true", help="Search the default augmentations only.")
     parser.add_argument("--table", action="store_true", help="Print the table of the results file and stop.")
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="Rebuild every row's summary from its finished confirmation in the storage (no training; "
+        "search counts and timings kept), then print the table.",
+    )
     args = parser.parse_args()
     os.environ["KDSEARCH_STORAGE"] = args.storage
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
@@ -146,6 +159,17 @@ def main() -> int:
     out_path = Path(args.results)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
     if args.table:
+        print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
+        return 0
+    if args.refresh:
+        for row in rows:
+            against = [] if row["method"] == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
+            summary, _ = kdsearch(
+                "confirm", "--study-name", row["study"], "--top", str(args.top), "--seeds", str(args.seeds),
+                *against, "--json", "-q",
+            )  # fmt: skip
+            row.update(from_summary(summary), confirm=summary)
+        out_path.write_text(json.dumps(rows, indent=2))
         print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
         return 0
     methods = args.methods.split(",")
