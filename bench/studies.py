@@ -191,6 +191,8 @@ def main() -> int:
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
         row["confirm"] = summary  # every arm's validation mean and test runs
+        # Read again before writing: a `--refresh` may have rewritten the other rows meanwhile.
+        rows = json.loads(out_path.read_text()) if out_path.exists() else []
         rows = [r for r in rows if r["method"] != method] + [row]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
