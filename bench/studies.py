@@ -57,6 +57,16 @@ def confirm_with_workers(workers: int, args: list[str]) -> dict[str, Any]:
     return json.loads(outputs[0])
 
 
+def confirm_args(study: str, method: str, args: argparse.Namespace) -> list[str]:
+    """The `kdsearch confirm` of one study, against the CE control unless it is the control."""
+    against = [] if method == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
+    return ["confirm", "--study-name", study, "--top", str(args.top), "--seeds", str(args.seeds), *against]
+
+
+def read_rows(out_path: Path) -> list[dict[str, Any]]:
+    return json.loads(out_path.read_text()) if out_path.exists() else []
+
+
 def confirmed_row(method: str, name: str, summary: dict[str, Any], search: dict[str, Any], wall: float) -> dict:
     """One table row: the chosen config's test runs and its paired differences to the baselines."""
     return {
@@ -157,17 +167,13 @@ def main() -> int:
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
     data += ["--device", args.device] + (["--teacher", args.teacher] if args.teacher else [])
     out_path = Path(args.results)
-    rows = json.loads(out_path.read_text()) if out_path.exists() else []
+    rows = read_rows(out_path)
     if args.table:
         print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
         return 0
     if args.refresh:
         for row in rows:
-            against = [] if row["method"] == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
-            summary, _ = kdsearch(
-                "confirm", "--study-name", row["study"], "--top", str(args.top), "--seeds", str(args.seeds),
-                *against, "--json", "-q",
-            )  # fmt: skip
+            summary, _ = kdsearch(*confirm_args(row["study"], row["method"], args), "--json", "-q")
             row.update(from_summary(summary), confirm=summary)
         out_path.write_text(json.dumps(rows, indent=2))
         print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
@@ -185,15 +191,12 @@ def main() -> int:
             "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "--json", "-q",
             *space_for(method, not args.no_shift),
         )  # fmt: skip
-        against = [] if method == CONTROL else ["--against", f"{args.prefix}-{CONTROL}"]
-        confirm = ["confirm", "--study-name", name, "--top", str(args.top), "--seeds", str(args.seeds), *against]
-        summary = confirm_with_workers(args.n_jobs, [*confirm, "--json", "-q"])
+        summary = confirm_with_workers(args.n_jobs, [*confirm_args(name, method, args), "--json", "-q"])
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
         row["confirm"] = summary  # every arm's validation mean and test runs
         # Read again before writing: a `--refresh` may have rewritten the other rows meanwhile.
-        rows = json.loads(out_path.read_text()) if out_path.exists() else []
-        rows = [r for r in rows if r["method"] != method] + [row]
+        rows = [r for r in read_rows(out_path) if r["method"] != method] + [row]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2))
         print(json.dumps(row), flush=True)
