@@ -35,11 +35,12 @@ from kdsearch.config import (
     SearchConfig,
     flag,
 )
-from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
+from kdsearch.errors import ConfigError, RunFailedError, Terminated, UserError, raise_terminated
 from kdsearch.knobs import Knob, knobs_of
 from kdsearch.strategies import METHODS
 
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1  # valid input, a run that could not finish (a diverged loss)
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         echo_error(exc.format_message())
         sys.exit(EXIT_USAGE)
+    except RunFailedError as exc:
+        echo_error(str(exc))
+        sys.exit(EXIT_RUN_FAILED)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

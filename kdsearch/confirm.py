@@ -27,9 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.config import RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, prepare, train_student
-from kdsearch.errors import UserError
+from kdsearch.errors import DivergedError, UserError
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
-from kdsearch.loop import DivergedError, evaluate
+from kdsearch.loop import evaluate
 from kdsearch.storage import load_existing_study, open_storage, redact
 from kdsearch.strategies import get_strategy
 

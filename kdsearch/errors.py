@@ -22,6 +22,23 @@ class ConfigError(UserError):
         self.problem = problem
 
 
+class RunFailedError(Exception):
+    """A run that could not finish although its input was valid (a diverged loss): one line, exit 1.
+
+    Not a ``UserError``: nothing the user typed was wrong, so it must not exit 2 as if it were.
+    """
+
+
+class DivergedError(RunFailedError):
+    """The loss became NaN or infinite: the hyperparameters (usually lr) are unusable."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"training diverged at epoch {epoch}, step {step} (loss {value}); try a lower learning rate")
+        self.epoch = epoch
+        self.step = step
+        self.value = value
+
+
 def warn(message: str) -> None:
     """One line on stderr for something the user should know that does not stop the run."""
     import sys

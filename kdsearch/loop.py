@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kdsearch.config import RecipeConfig
 from kdsearch.data import Split
-from kdsearch.errors import UserError
+from kdsearch.errors import DivergedError, UserError
 from kdsearch.losses import LossInputs, WeightedSum
 from kdsearch.taps import FeatureTap
 from kdsearch.teacher_outputs import TeacherOutputs, as_input, pick_rows
@@ -54,13 +54,6 @@ class EpochReport:
     train_loss: float
     val_accuracy: float | None  # percent; None without a validation split
     seconds: float  # training time of the epoch, validation included
-
-
-class DivergedError(UserError):
-    """The loss became NaN or infinite: the hyperparameters (usually lr) are unusable."""
-
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"training diverged at epoch {epoch}, step {step} (loss {value}); try a lower learning rate")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -130,7 +130,7 @@ def test_diverging_trials_are_pruned_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from kdsearch import objective
-    from kdsearch.loop import DivergedError
+    from kdsearch.errors import DivergedError
 
     real = objective.train_student
     calls = iter([True, False])
