@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cli_runner
 import yaml
-from tutorial import RESULTS, kdsearch
+from cli_runner import kdsearch
+from tutorial import RESULTS
 
 LIGHTNN_PARAMS = 267_738
 
@@ -74,45 +75,18 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     start = time.perf_counter()
     _, command = kdsearch(
-        "optimize",
-        "--method",
-        args.method,
-        *data,
-        "--objectives",
-        "accuracy,params",
-        "--trials",
-        str(args.trials),
-        "--epochs",
-        str(args.epochs),
-        "--n-jobs",
-        str(args.n_jobs),
-        "--study-name",
-        args.study_name,
-        "--json",
-        "-q",
-    )
+        "optimize", "--method", args.method, *data, "--objectives", "accuracy,params", "--trials", str(args.trials),
+        "--epochs", str(args.epochs), "--n-jobs", str(args.n_jobs), "--study-name", args.study_name, "-q",
+    )  # fmt: skip
     wall = time.perf_counter() - start
     exported, checkpoints = RESULTS / f"{args.study_name}.yaml", RESULTS / args.study_name
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdsearch",
-            "export",
-            "--study-name",
-            args.study_name,
-            "--pareto",
-            "-o",
-            str(exported),
-            "--checkpoint",
-            str(checkpoints),
-        ],
-        check=True,
-    )
+    export = ["export", "--study-name", args.study_name, "--pareto", "-o", str(exported)]
+    export += ["--checkpoint", str(checkpoints)]
+    cli_runner.run(cli_runner.kdsearch_command(export, as_json=False)).check()  # export writes YAML, not JSON
     front = []
     for config in yaml.safe_load(exported.read_text())["configs"]:
         trial = config["source"]["trial"]
-        scored, _ = kdsearch("evaluate", "--checkpoint", str(checkpoints / f"trial-{trial}.pt"), *data, "--json")
+        scored, _ = kdsearch("evaluate", "--checkpoint", str(checkpoints / f"trial-{trial}.pt"), *data)
         front.append(
             {
                 "trial": trial,
@@ -123,7 +97,7 @@ def main() -> int:
                 "hyperparameters": {**config["recipe"], **config["loss"]["params"]},
             }
         )
-    ce, _ = kdsearch("train", "--method", "ce", *data, "--json", "-q")
+    ce, _ = kdsearch("train", "--method", "ce", *data, "-q")
     import optuna
 
     from kdsearch.storage import default_storage_url

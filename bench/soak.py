@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import cli_runner
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -35,43 +35,28 @@ def main() -> int:
     env = {**os.environ, "KDSEARCH_HOME": str(home)}
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--limit-train", "500", "--val-size", "500"]
     teacher = home / "teacher.pt"
-    kdsearch = [sys.executable, "-m", "kdsearch"]
-    subprocess.run([*kdsearch, "teacher", *data, "--epochs", "1", "--out", str(teacher), "-q"], env=env, check=True)
+    cli_runner.kdsearch("teacher", *data, "--epochs", "1", "--out", str(teacher), "-q", env=env)
     name = f"soak-{int(time.time())}"
-    worker = [
-        *kdsearch,
-        "optimize",
-        "--method",
-        "kd",
-        *data,
-        "--teacher",
-        str(teacher),
-        "--epochs",
-        "2",
-        "--storage",
-        args.storage,
-        "--study-name",
-        name,
-        "--trials",
-        str(args.trials),
-        "--total",
-        "--heartbeat",
-        "2",
-        "-q",
-    ]
+    worker = cli_runner.kdsearch_command(
+        ["optimize", "--method", "kd", *data, "--teacher", str(teacher), "--epochs", "2", "--storage", args.storage,
+         "--study-name", name, "--trials", str(args.trials), "--total", "--heartbeat", "2", "-q"]
+    )  # fmt: skip
     # The first worker creates the study and the caches; the others join once it exists.
-    processes = [subprocess.Popen(worker, env=env)]
+    processes = [cli_runner.start(worker, env)]
     storage = optuna.storages.RDBStorage(args.storage)
     while name not in optuna.get_all_study_names(storage):
         time.sleep(0.5)
-    processes += [subprocess.Popen(worker, env=env) for _ in range(args.workers - 1)]
+    processes += [cli_runner.start(worker, env) for _ in range(args.workers - 1)]
     time.sleep(random.uniform(20, 60))
     victim = random.randrange(len(processes))
-    print(f"soak: killing worker {victim} (pid {processes[victim].pid}) with SIGKILL", flush=True)
+    print(f"soak: killing worker {victim} (pid {processes[victim].process.pid}) with SIGKILL", flush=True)
     processes[victim].kill()
     processes[victim].wait()
-    processes[victim] = subprocess.Popen(worker, env=env)
-    codes = [p.wait() for p in processes]
+    processes[victim] = cli_runner.start(worker, env)
+    finished = [p.wait() for p in processes]
+    codes = [f.returncode for f in finished]
+    for failed in (f for f in finished if f.returncode):
+        print(f"soak: a worker exited {failed.returncode}: {cli_runner.last_line(failed.stderr)}")
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     states = [t.state for t in trials]
     finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_runner import kdsearch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,20 +131,14 @@ def regressor_conv_seconds(steps: int, batch_size: int = 128) -> float:
 def full_study_seconds(data_dir: str, teacher: Path, method: str, trials: int) -> dict[str, Any]:
     """`kdsearch optimize` in a subprocess, timed from start to exit, with its JSON summary."""
     folder = Path(tempfile.mkdtemp(prefix="kdsearch-bench-full-"))
-    command = [
-        sys.executable, "-m", "kdsearch", "optimize",
-        "--method", method, "--dataset", "imagefolder", "--data-dir", data_dir,
+    start = time.perf_counter()
+    summary, _ = kdsearch(
+        "optimize", "--method", method, "--dataset", "imagefolder", "--data-dir", data_dir,
         "--teacher", str(teacher), "--trials", str(trials), "--epochs", "10", "--val-size", "5000",
         "--pruner", "median", "--n-jobs", "2", "--seed", "42",
-        "--storage", f"sqlite:///{folder / 'full.db'}", "--study-name", f"bench-full-{method}",
-        "--json", "--quiet",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+        "--storage", f"sqlite:///{folder / 'full.db'}", "--study-name", f"bench-full-{method}", "--quiet",
+    )  # fmt: skip
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"full study failed ({done.returncode}): {done.stderr.strip()}")
-    summary = json.loads(done.stdout)
     return {"wall_seconds": wall, "method": method, "trials": trials, "summary": summary}
 
 

@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tutorial import RESULTS, kdsearch
+import cli_runner
+from cli_runner import kdsearch
+from tutorial import RESULTS
 
 CONTROL = "ce"
 BENCH = Path(__file__).resolve().parent
@@ -46,15 +47,12 @@ def confirm_with_workers(workers: int, args: list[str]) -> dict[str, Any]:
     Each worker prints the whole summary (one that runs out of runs waits for the others'), so the
     first one's is the result.
     """
-    print(f"$ kdsearch {' '.join(args)}  (x{workers} workers)", file=sys.stderr, flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    command = [sys.executable, "-m", "kdsearch", *args]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
-    outputs = [process.communicate()[0] for process in processes]
-    for process in processes:
-        if process.returncode:
-            raise subprocess.CalledProcessError(process.returncode, command)
-    return json.loads(outputs[0])
+    running = [cli_runner.start(cli_runner.kdsearch_command(args), env) for _ in range(workers)]
+    finished = [worker.wait() for worker in running]  # all of them, before any failure is raised
+    for done in finished:
+        done.check()
+    return finished[0].json()
 
 
 def confirm_args(study: str, method: str, args: argparse.Namespace) -> list[str]:
@@ -173,7 +171,7 @@ def main() -> int:
         return 0
     if args.refresh:
         for row in rows:
-            summary, _ = kdsearch(*confirm_args(row["study"], row["method"], args), "--json", "-q")
+            summary, _ = kdsearch(*confirm_args(row["study"], row["method"], args), "-q")
             row.update(from_summary(summary), confirm=summary)
         out_path.write_text(json.dumps(rows, indent=2))
         print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
@@ -188,10 +186,10 @@ def main() -> int:
         start = time.perf_counter()
         search, _ = kdsearch(
             "optimize", "--method", method, *data, "--trials", str(args.trials), "--epochs", str(args.epochs),
-            "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "--json", "-q",
+            "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "-q",
             *space_for(method, not args.no_shift),
         )  # fmt: skip
-        summary = confirm_with_workers(args.n_jobs, [*confirm_args(name, method, args), "--json", "-q"])
+        summary = confirm_with_workers(args.n_jobs, [*confirm_args(name, method, args), "-q"])
         row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
         row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
         row["confirm"] = summary  # every arm's validation mean and test runs

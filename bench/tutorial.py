@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cli_runner import kdsearch
 
 # The tutorial's own recipe on this JPEG copy (seed 42, one run each), from the project brief.
 REFERENCE = {"teacher": 72.96, "ce": 69.24, "kd": 69.74, "cosine": 69.06, "regressor": 70.56}
 TOLERANCE = 1.0
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def kdsearch(*args: str) -> tuple[dict, str]:
-    command = ["kdsearch", *args]
-    shown = " ".join(shlex.quote(a) for a in command)
-    print(f"$ {shown}", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "kdsearch", *args], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout), shown
 
 
 def default_teacher(data: list[str]) -> Path:
@@ -51,7 +43,7 @@ def main() -> int:
     teacher_path = default_teacher(data)
     if args.retrain_teacher or not teacher_path.exists():
         start = time.perf_counter()
-        result, shown = kdsearch("teacher", *data, "--preset", "tutorial", "--json")
+        result, shown = kdsearch("teacher", *data, "--preset", "tutorial")
         rows.append(
             {
                 "run": "teacher",
@@ -75,7 +67,7 @@ def main() -> int:
     for method in ("ce", "kd", "cosine", "regressor"):
         start = time.perf_counter()
         result, shown = kdsearch(
-            "train", "--method", method, *data, "--teacher-preset", "tutorial", "--val-size", "0", "--json", "-q"
+            "train", "--method", method, *data, "--teacher-preset", "tutorial", "--val-size", "0", "-q"
         )
         rows.append(
             {
