@@ -42,13 +42,13 @@ bench-pareto:
 
 # The GPU checks (tests on CUDA, CPU vs GPU accuracy, fp32/bf16/fp16 epochs, 1 vs 4 workers on one GPU,
 # a GPU checkpoint on the CPU) in one run of at most 8 minutes; without a GPU it says so and exits 0.
-# The GPU machine reaches no registry: `make bench-gpu-prepare` (here) bundles the wheels it lacks and a
-# CIFAR-10 slice into bench/gpu-bundle/, which travels with the run.
+# The GPU machine reaches no registry: `make bench-gpu-prepare` (here) has pip resolve and download the
+# wheels it lacks, and copies a CIFAR-10 slice, into bench/gpu-bundle/, which travels with the run.
 bench-gpu:
 	$(PYTHON_FOR_GPU) bench/gpu.py
 
 bench-gpu-prepare:
-	$(BIN)/python bench/gpu.py prepare --data-dir $(SHARED_CIFAR)
+	$(BIN)/python bench/gpu_bundle.py --data-dir $(SHARED_CIFAR)
 
 # Fault soak on the PostgreSQL server at 127.0.0.1:5432 (KDSEARCH_SOAK_STORAGE to use another).
 soak:
