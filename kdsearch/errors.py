@@ -2,24 +2,74 @@
 
 Everything a user can get wrong (a flag, a file, a dataset) raises ``UserError``; the CLI turns it
 into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
+
+A wrong value raises ``ConfigError``, which names the *field* (``val_size``), never the way the
+user wrote it: the layers below the command line do not know whether a value came from a flag or
+a file. Whoever read the value says it the user's way: the command line as ``--val-size``, the
+config-file reader as ``data.val_size`` (``ConfigError.say``).
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+# A field mentioned inside a message, written ``{name}``: said the user's way with the field itself.
+MENTION = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 class UserError(Exception):
     """A mistake in the user's input, reported as one line and exit code 2."""
 
 
+def plain(name: str) -> str:
+    """A field said as its name: how messages read where no command line or file is involved."""
+    return name
+
+
+def speak(text: str, words: Callable[[str], str]) -> str:
+    """``text`` with every ``{field}`` it mentions said through ``words`` (a flag, a file key)."""
+    return MENTION.sub(lambda match: words(match.group(1)), text)
+
+
 class ConfigError(UserError):
     """A config field holds a value it may not: ``name`` is the field, ``problem`` what is wrong.
 
-    The field's name is the code's; whoever built the config says it in the user's words (the
-    command-line flag, or the key in a config file), through ``kdsearch.config.flag``.
+    ``problem`` may mention other fields as ``{field}`` ("or {timeout} must be given"); ``say``
+    names them all in the user's words. ``str()`` gives the plain field names.
     """
 
     def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name} {problem}")
         self.name = name
         self.problem = problem
+        super().__init__(self.say(plain))
+
+    def say(self, words: Callable[[str], str]) -> str:
+        """The message with each field said by ``words``: ``--val-size …`` or ``data.val_size …``."""
+        return f"{words(self.name)} {speak(self.problem, words)}"
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str]]:
+        # Worker processes send their errors to the parent, which says them as flags.
+        return (type(self), (self.name, self.problem))
+
+
+@contextmanager
+def about(name: str) -> Iterator[None]:
+    """Make a ``UserError`` a check raised about ``name`` (naming it first) a ``ConfigError`` of that field.
+
+    For checks that name what they are given (``fsutil.refuse_overwriting_inputs`` names an output by
+    its key): given the field, their error is the field's, and the command line says it as a flag.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except UserError as exc:
+        message = str(exc)
+        if not message.startswith(f"{name} "):
+            raise
+        raise ConfigError(name, message.removeprefix(f"{name} ")) from None
 
 
 class RunFailedError(Exception):

@@ -1,7 +1,9 @@
 """How a config field declares its rules: type, range, choices, help, search space.
 
 A ``Knob`` rides in a dataclass field's metadata; ``Section`` checks every knob of a dataclass
-when it is built. The fields themselves are declared in ``kdsearch.config``.
+when it is built, so each value has one validator and one wording, whether it came from a flag, a
+file or a study. The fields themselves are declared in ``kdsearch.config`` and
+``kdsearch.settings``; the command line derives its options from them (``kdsearch.cli_options``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Knob:
 
     ``low``/``high`` are inclusive bounds (``low_open``: exclusive); ``space`` is the default search
     space of a recipe knob every method searches; ``identity`` marks fields a study cannot mix.
+    ``help`` may mention other fields as ``{field}``: the command line says them as its flags.
     """
 
     help: str
@@ -36,6 +39,7 @@ class Knob:
     space: BaseDistribution | None = None
     path: str | None = None  # "file" or "dir" for click.Path
     envvar: str | None = None
+    short: str | None = None  # a one-letter option beside the long one (-o, -q)
     check: Callable[[Any], str | None] | None = None  # extra rule: a problem, or None
 
     def validate(self, name: str, value: Any) -> Any:
@@ -86,10 +90,30 @@ def _show(bound: float) -> str:
 
 
 def knob(default: Any, help: str, **rules: Any) -> Any:
-    """A dataclass field with its ``Knob``; ``kind`` defaults to the default's type."""
+    """A dataclass field with its ``Knob``; ``kind`` defaults to the default's type.
+
+    A field whose default is None may stay None (``optional``) unless its rules say otherwise.
+    """
     if "kind" not in rules and default is not None:
         rules["kind"] = type(default)
+    rules.setdefault("optional", default is None)
     return field(default=default, metadata={"knob": Knob(help, **rules)})
+
+
+def same(section: type, name: str, **changes: Any) -> Any:
+    """A field declared like ``section``'s ``name`` (its rules, its default), with ``changes``.
+
+    ``default`` in ``changes`` replaces the default; anything else replaces a rule (``help``,
+    ``optional``). One declaration then serves two commands: evaluate's width has the run's range.
+    """
+    default = changes.pop("default", default_of(section, name))
+    rule = dataclasses.replace(dict(knobs_of(section))[name], **changes)
+    return field(default=default, metadata={"knob": rule})
+
+
+def default_of(section: type, name: str) -> Any:
+    """The declared default of a section's field: read from the declaration, never written again."""
+    return next(f.default for f in dataclasses.fields(section) if f.name == name)
 
 
 def knobs_of(section: Any) -> Iterator[tuple[str, Knob]]:
