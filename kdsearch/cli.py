@@ -1,18 +1,17 @@
 """The ``kdsearch`` command line: each command builds a config and calls one function below it.
 
-The options are derived from the config's declarations (``kdsearch.config``): a knob declared
-there is an option here, with its help, its default and its range, and a wrong value is reported
-under the option's name. Every user mistake ends as one line on stderr and exit code 2 (``main``
-turns ``UserError`` and click's usage errors into that); anything else is a bug and keeps its
-traceback. Nothing here imports torch until a command runs, so ``--help`` is quick.
+The options are derived from the declarations (``kdsearch.config``, ``kdsearch.settings``) by
+``kdsearch.cli_options``: a knob declared there is an option here, with its help and its default,
+and its value is checked by the knob. The layers below name fields; the command line says them as
+flags, in one place (``cli_options.Command``). Every user mistake ends as one line on stderr and
+exit code 2 (``main`` turns ``UserError`` and click's usage errors into that); anything else is a
+bug and keeps its traceback. Nothing here imports torch until a command runs, so ``--help`` is quick.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
-import statistics
 import sys
 import threading
 from collections.abc import Callable
@@ -20,28 +19,39 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
+from kdsearch.cli_options import Group, build, flag, given_on_command_line, options, say_as, words
 from kdsearch.config import (
-    DEFAULT_TEACHER_PRESET,
-    DEVICE_KNOB,
     KNOBS,
     RECIPE_SPACE,
     TEACHER_PRESETS,
     DataConfig,
+    LossConfig,
     ModelsConfig,
     RecipeConfig,
     RunConfig,
     SearchConfig,
-    flag,
+    file_key,
 )
-from kdsearch.errors import ConfigError, RunFailedError, Terminated, UserError, raise_terminated
-from kdsearch.knobs import Knob, knobs_of
-from kdsearch.strategies import METHODS
+from kdsearch.errors import RunFailedError, Terminated, UserError, raise_terminated, speak
+from kdsearch.knobs import knobs_of
+from kdsearch.settings import (
+    ConfirmSettings,
+    DashboardSettings,
+    EvaluateSettings,
+    ExportSettings,
+    Printing,
+    ReportSettings,
+    StudiesSettings,
+    TeacherConfig,
+    TeacherSettings,
+    TrainSettings,
+)
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1  # valid input, a run that could not finish (a diverged loss)
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+# A run's fields as the command line takes them: every knob, the method and the device.
+RUN_FIELDS = (*KNOBS, "method", "device")
 
 
 def echo_error(message: str) -> None:
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def log(message: str) -> None:
-    click.echo(f"kdsearch: {message}", err=True)
+    """A progress line on stderr; fields it mentions (``{val_size}``) are said as this command's flags."""
+    click.echo(f"kdsearch: {speak(message, words(click.get_current_context(silent=True)))}", err=True)
 
 
 def emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]], list[str]]) -> None:
@@ -93,122 +104,30 @@ def emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]]
             click.echo(line)
 
 
-# --- options derived from the config ------------------------------------------------------------
-
-
-def knob_option(name: str, rule: Knob, default: Any) -> Decorator:
-    """The click option of one knob: its flag, type, range, default and help from the declaration."""
-    kwargs: dict[str, Any] = {"default": default, "help": rule.help, "envvar": rule.envvar}
-    if rule.kind is bool:
-        names = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if default else [flag(name)]
-        return click.option(*names, name, is_flag=True, **kwargs)
-    if rule.kind is tuple:
-        return click.option(flag(name), name, multiple=True, metavar="NAME=VALUE", **kwargs)
-    kwargs["show_default"] = default is not None
-    if rule.choices is not None:
-        kwargs["type"] = click.Choice([str(c) for c in rule.choices])
-    elif rule.path is not None:
-        kwargs["type"] = click.Path(dir_okay=rule.path == "dir", file_okay=rule.path == "file")
-    elif rule.kind is int:
-        kwargs["type"] = click.IntRange(rule.low, rule.high)
-    elif rule.kind is float:
-        kwargs["type"] = click.FloatRange(rule.low, rule.high, min_open=rule.low_open)
-    return click.option(flag(name), name, **kwargs)
-
-
-def options(*sections: type, defaults: dict[str, Any] | None = None) -> Decorator:
-    """One option per knob of ``sections``, in declaration order (``defaults`` overrides a few)."""
-    overrides = defaults or {}
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for section in reversed(sections):
-            defaults_of = {f.name: f.default for f in dataclasses.fields(section)}
-            for name, rule in reversed(list(knobs_of(section))):
-                fn = knob_option(name, rule, overrides.get(name, defaults_of[name]))(fn)
-        return fn
-
-    return decorate
-
-
-device_option = knob_option("device", DEVICE_KNOB, "auto")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-method_option = click.option("--method", type=click.Choice(METHODS), default="kd", show_default=True)
-storage_option = knob_option("storage", dict(knobs_of(SearchConfig))["storage"], None)
-
-
-def build(section: type, values: dict[str, Any]) -> Any:
-    """A config section from option values, a wrong value named by its option."""
-    try:
-        return section(**{name: values[name] for name, _ in knobs_of(section) if name in values})
-    except ConfigError as exc:
-        raise UserError(f"{flag(exc.name)} {exc.problem}") from None
-
-
-def run_config(flat: dict[str, Any]) -> RunConfig:
-    """A run config from option values by knob name, ``method``, ``device`` and ``hyperparameters``."""
-    try:
-        return RunConfig.from_flat(flat, origin="from the command line")
-    except ConfigError as exc:
-        option = "--hp" if exc.name not in (*KNOBS, "method", "device") else flag(exc.name)
-        raise UserError(f"{option} {exc.problem}") from None
-
-
-def given_on_command_line(ctx: click.Context, names: list[str]) -> list[str]:
-    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return [name for name in names if ctx.get_parameter_source(name) in sources]
-
-
 # --- commands -------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kdsearch")
 def cli() -> None:
     """Hyperparameter search for knowledge distillation, on Optuna."""
 
 
 @cli.command()
-@options(DataConfig, defaults={"val_size": 0})
-@click.option("--model", default="deepnn", show_default=True, help="deepnn or package.module:Class.")
-@click.option(
-    "--preset",
-    type=click.Choice(TEACHER_PRESETS),
-    default=DEFAULT_TEACHER_PRESET,
-    show_default=True,
-    help="A measured recipe: strong (the search's default teacher; see the README) or tutorial (10 epochs of "
-    "Adam 1e-3, for reproduction); recipe options given here override it.",
-)
-@options(RecipeConfig)
-@device_option
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Checkpoint path [default: studies/teachers/<model>-<dataset>-<data id>[-<recipe id>][-val<N>].pt, the "
-    "teacher that runs with the same --val-size use by default].",
-)
-@json_option
-@quiet_option
+@options(DataConfig, TeacherConfig, TeacherSettings, RecipeConfig, Printing, defaults={"val_size": 0})
 @click.pass_context
-def teacher(
-    ctx: click.Context, model: str, preset: str, device: str, out: str | None, as_json: bool, quiet: bool, **values: Any
-) -> None:
+def teacher(ctx: click.Context, **values: Any) -> None:
     """Train a teacher (by default the strong preset, the one a search trains when given none) and save it."""
-    from kdsearch.teacher import TeacherConfig, run_teacher
+    from kdsearch.teacher import run_teacher
 
-    try:
-        DEVICE_KNOB.validate("device", device)
-    except ConfigError as exc:
-        raise UserError(f"--device {exc.problem}") from None
-    recipe_names = [name for name, _ in knobs_of(RecipeConfig)]
-    given = {name: values[name] for name in given_on_command_line(ctx, recipe_names)}
-    recipe = build(RecipeConfig, TEACHER_PRESETS[preset] | given)
-    config = TeacherConfig(build(DataConfig, values), model, recipe, device)
-    result = run_teacher(config, out, progress=not quiet and not as_json)
+    settings, printing = build(TeacherSettings, values), build(Printing, values)
+    given = {name: values[name] for name in given_on_command_line(ctx, [name for name, _ in knobs_of(RecipeConfig)])}
+    recipe = build(RecipeConfig, TEACHER_PRESETS[settings.preset] | given)
+    config = build(TeacherConfig, values, data=build(DataConfig, values), recipe=recipe)
+    result = run_teacher(config, settings.out, progress=not printing.quiet and not printing.json)
     emit(
         result,
-        as_json,
+        printing.json,
         lambda r: [
             f"teacher {r['model']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
             + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
@@ -218,103 +137,63 @@ def teacher(
 
 
 @cli.command()
-@method_option
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="YAML/JSON run config (as `kdsearch export` writes); options given here override it.",
-)
-@click.option(
-    "--rank", type=click.IntRange(1), default=1, show_default=True, help="Which config of an `export --top K` file."
-)
-@options(DataConfig, ModelsConfig, RecipeConfig)
-@device_option
-@click.option(
-    "--hp",
-    "hp_items",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A method hyperparameter or recipe knob (repeatable), e.g. --hp temperature=4; unset ones take the "
-    "tutorial's values.",
-)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the trained student here.")
-@json_option
-@quiet_option
+@options(LossConfig, TrainSettings, DataConfig, ModelsConfig, RecipeConfig, RunConfig, Printing)
 @click.pass_context
-def train(
-    ctx: click.Context,
-    config_path: str | None,
-    rank: int,
-    hp_items: tuple[str, ...],
-    out: str | None,
-    as_json: bool,
-    quiet: bool,
-    **values: Any,
-) -> None:
+def train(ctx: click.Context, **values: Any) -> None:
     """Run one distillation with given hyperparameters and report test accuracy."""
     from kdsearch.distill import run_training
-    from kdsearch.export import load_config
     from kdsearch.fsutil import refuse_overwriting_inputs
+
+    settings, printing = build(TrainSettings, values), build(Printing, values)
+    refuse_overwriting_inputs({flag("out"): settings.out}, (settings.config,))
+    config = RunConfig.read(_train_document(ctx, settings, values))
+    out = Path(settings.out) if settings.out else None
+    result = run_training(config, out=out, progress=not printing.quiet and not printing.json, log=log)
+    emit(result, printing.json, _train_lines)
+
+
+def _train_document(ctx: click.Context, settings: TrainSettings, values: dict[str, Any]) -> dict[str, Any]:
+    """The flat config `train` runs: its options, or its config file with the options given here over it.
+
+    Values the file set are said as the file's keys in errors, so a run-time error about one (a
+    validation split larger than the data) points into the file, not at a flag nobody typed.
+    """
+    from kdsearch.export import load_config
     from kdsearch.spaces import parse_assignments
 
-    refuse_overwriting_inputs({"--out": out}, (config_path,))
-    hp = parse_assignments(hp_items, "--hp")
-    if config_path is None:
-        flat = values | {"hyperparameters": hp}
-    else:
-        base = load_config(config_path, rank)
-        given = {name: values[name] for name in given_on_command_line(ctx, list(values))}
-        # Another --method than the file's starts from that method's tutorial values, not the file's.
-        kept = dict(base.loss.params) if given.get("method", base.method) == base.method else {}
-        flat = base.flat() | {"device": base.device} | given | {"hyperparameters": kept | hp}
-    config = run_config(flat)
-    out_path = Path(out) if out else None
-    result = run_training(config, out=out_path, progress=not quiet and not as_json, log=log)
-    emit(
-        result,
-        as_json,
-        lambda r: (
-            [
-                f"{r['method']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
-                + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
-                f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
-                f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
-                "recipe: " + ", ".join(f"{k}={v}" for k, v in r["config"]["recipe"].items()),
-                "method: " + ", ".join(f"{k}={v}" for k, v in sorted(r["config"]["loss"]["params"].items())),
-            ]
-            + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else [])
-        ),
-    )
+    hp = parse_assignments(settings.hp, "hp")
+    if settings.config is None:
+        return {name: values[name] for name in RUN_FIELDS} | {"hyperparameters": hp}
+    base = load_config(settings.config, settings.rank)
+    given = {name: values[name] for name in given_on_command_line(ctx, list(RUN_FIELDS))}
+    say_as(ctx, {n: f"config {settings.config}: {file_key(n)}" for n in RUN_FIELDS if n not in given and n not in hp})
+    # Another --method than the file's starts from that method's tutorial values, not the file's.
+    kept = dict(base.loss.params) if given.get("method", base.method) == base.method else {}
+    return base.flat() | {"device": base.device} | given | {"hyperparameters": kept | hp}
+
+
+def _train_lines(r: dict[str, Any]) -> list[str]:
+    return [
+        f"{r['method']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
+        + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
+        f"{r['params']:,} student parameters, {sum(r['epoch_seconds']):.1f} s training, "
+        f"{r['teacher_outputs_seconds']:.1f} s teacher outputs",
+        "recipe: " + ", ".join(f"{k}={v}" for k, v in r["config"]["recipe"].items()),
+        "method: " + ", ".join(f"{k}={v}" for k, v in sorted(r["config"]["loss"]["params"].items())),
+    ] + ([f"saved to {r['checkpoint']}"] if r.get("checkpoint") else [])
 
 
 @cli.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True)
-@click.option(
-    "--model",
-    default=None,
-    help="deepnn, lightnn or package.module:Class [default: a built-in name the checkpoint records].",
-)
-@click.option(
-    "--width",
-    type=click.FloatRange(0, 16, min_open=True),
-    default=None,
-    help="Width multiplier [default: from the checkpoint, else 1].",
-)
-@options(DataConfig)
-@device_option
-@json_option
-def evaluate(
-    checkpoint: str, model: str | None, width: float | None, device: str, as_json: bool, **values: Any
-) -> None:
+@options(EvaluateSettings, DataConfig, Printing, drop=("quiet",))
+def evaluate(**values: Any) -> None:
     """Report a checkpoint's test (and validation) accuracy."""
     from kdsearch.distill import run_evaluation
 
-    result = run_evaluation(checkpoint, model, width, build(DataConfig, values), device)
+    settings, data = build(EvaluateSettings, values), build(DataConfig, values)
+    result = run_evaluation(settings.checkpoint, settings.model, settings.width, data, settings.device)
     emit(
         result,
-        as_json,
+        build(Printing, values).json,
         lambda r: [
             f"{r['model']} from {r['checkpoint']} on {r['dataset']}: test accuracy {r['test_accuracy']:.2f}%"
             + (f", validation {r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""),
@@ -324,14 +203,9 @@ def evaluate(
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(METHODS), required=True)
-@options(SearchConfig)
-@options(DataConfig, ModelsConfig, RecipeConfig)
-@device_option
-@json_option
-@quiet_option
+@options(LossConfig, SearchConfig, DataConfig, ModelsConfig, RecipeConfig, RunConfig, Printing, required=("method",))
 @click.pass_context
-def optimize(ctx: click.Context, as_json: bool, quiet: bool, **values: Any) -> None:
+def optimize(ctx: click.Context, **values: Any) -> None:
     """Search a method's hyperparameters with Optuna; the best student is kept as an artifact.
 
     --trials N runs N trials in this invocation (split over --n-jobs workers); with --total, workers
@@ -340,15 +214,16 @@ def optimize(ctx: click.Context, as_json: bool, quiet: bool, **values: Any) -> N
     """
     from kdsearch.study import run_search
 
-    pinned = [name for name in given_on_command_line(ctx, list(RECIPE_SPACE)) if name in values]
-    search_values = {name: values.pop(name) for name, _ in knobs_of(SearchConfig)}
+    pinned = given_on_command_line(ctx, list(RECIPE_SPACE))
+    search_values = {name: values[name] for name, _ in knobs_of(SearchConfig)}
     search_values["fix"] = (*search_values["fix"], *(f"{name}={values[name]}" for name in pinned))
     search = build(SearchConfig, search_values)
-    config = run_config(values)
-    summary = run_search(config, search, progress=not quiet, log=log)
+    config = RunConfig.read({name: values[name] for name in RUN_FIELDS})
+    printing = build(Printing, values)
+    summary = run_search(config, search, progress=not printing.quiet, log=log)
     emit(
         summary,
-        as_json,
+        printing.json,
         lambda s: [
             f"study {s['study_name']} in {s['storage']}: {s['complete']} complete, {s['pruned']} pruned, "
             f"{s['failed']} failed",
@@ -373,106 +248,73 @@ def _best_lines(summary: dict[str, Any]) -> list[str]:
 
 
 @cli.command()
-@click.option("--study-name", required=True, help="The study whose best configs are confirmed.")
-@storage_option
-@click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="How many of its best configs.")
-@click.option("--seeds", type=click.IntRange(1), default=5, show_default=True, help="Seeds per config.")
-@click.option(
-    "--against",
-    default="hand-set",
-    show_default=True,
-    help="The baseline, besides the hand-set config: hand-set alone, or the name of a study (a CE control) "
-    "whose best config is re-trained with the same seeds.",
-)
-@json_option
-@quiet_option
-def confirm(
-    study_name: str, storage: str | None, top: int, seeds: int, against: str, as_json: bool, quiet: bool
-) -> None:
+@options(ConfirmSettings, Printing)
+def confirm(**values: Any) -> None:
     """Re-train a study's best configs with several seeds; test the winner against the baselines, paired.
 
     Runs are trials of the companion study <name>-confirm: re-running resumes, workers can share it.
     """
     from kdsearch.confirm import run_confirm
 
-    summary = run_confirm(storage, study_name, top=top, seeds=seeds, against=against, progress=not quiet, log=log)
-    emit(summary, as_json, _confirm_lines)
+    s, printing = build(ConfirmSettings, values), build(Printing, values)
+    summary = run_confirm(
+        s.storage, s.study_name, top=s.top, seeds=s.seeds, against=s.against, progress=not printing.quiet, log=log
+    )
+    emit(summary, printing.json, _confirm_lines)
 
 
 def _confirm_lines(summary: dict[str, Any]) -> list[str]:
+    from kdsearch.export import confirm_table
+
+    rows, differences = confirm_table(summary)
     lines = [f"confirmed {summary['study']} with seeds {summary['seeds']} (ranked on mean validation accuracy)"]
-    for row in summary["rows"]:
-        mark = " (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""
-        tests = row["test_runs"]
-        shown = f", test {statistics.fmean(tests):.2f}% mean" if tests else ""
-        lines.append(f"  {row['arm']}{mark}: validation {row['val_mean']:.2f}% mean{shown}")
-    for arm, comparison in summary["chosen_minus"].items():
-        lines.append(f"  {summary['chosen']} − {arm}, test, paired: {comparison['interval']} points (95 % CI)")
-    return lines
+    for row in rows:
+        test = row["test % (mean)"]
+        shown = f", test {test:.2f}% mean" if test is not None else ""
+        lines.append(f"  {row['config']}: validation {row['validation % (mean)']:.2f}% mean{shown}")
+    return lines + [f"  {line}" for line in differences]
 
 
 @cli.command()
-@storage_option
-@click.option("-f", "--format", "fmt", type=click.Choice(("table", "json", "yaml")), default="table", show_default=True)
-def studies(storage: str | None, fmt: str) -> None:
+@options(StudiesSettings)
+def studies(**values: Any) -> None:
     """List studies: method, dataset, trials by state, best value."""
     from kdsearch.export import format_rows, list_studies
 
-    click.echo(format_rows(list_studies(storage), fmt))
+    settings = build(StudiesSettings, values)
+    click.echo(format_rows(list_studies(settings.storage), settings.format))
 
 
 @cli.command()
-@click.option("--study-name", required=True)
-@storage_option
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write to FILE.yaml or FILE.json [default: print YAML].",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(),
-    default=None,
-    help="Also save the best trial's student checkpoint here (a folder with --pareto).",
-)
-@click.option("--top", type=click.IntRange(1), default=1, show_default=True, help="Export the K best trials.")
-@click.option(
-    "--pareto", is_flag=True, help="Every Pareto-optimal trial of a multi-objective study (--checkpoint: a folder)."
-)
-def export(
-    study_name: str, storage: str | None, output: str | None, checkpoint: str | None, top: int, pareto: bool
-) -> None:
+@options(ExportSettings)
+def export(**values: Any) -> None:
     """Export the best trial's config (feeds `kdsearch train --config`)."""
     from kdsearch.export import export_study
 
-    text = export_study(storage, study_name, output=output, checkpoint=checkpoint, top=top, pareto=pareto)
-    if output is None:
+    s = build(ExportSettings, values)
+    text = export_study(s.storage, s.study_name, output=s.output, checkpoint=s.checkpoint, top=s.top, pareto=s.pareto)
+    if s.output is None:
         click.echo(text.rstrip())
 
 
 @cli.command()
-@storage_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-def dashboard(storage: str | None, host: str, port: int) -> None:
+@options(DashboardSettings)
+def dashboard(**values: Any) -> None:
     """Serve optuna-dashboard on the study storage, with best-student checkpoints downloadable."""
     from kdsearch.dashboard import serve
 
-    serve(storage, host, port, log)
+    settings = build(DashboardSettings, values)
+    serve(settings.storage, settings.host, settings.port, log)
 
 
 @cli.command()
-@click.option("--study-name", required=True)
-@storage_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The HTML file to write.")
-@click.option("--png", "png_dir", type=click.Path(file_okay=False), default=None, help="Also write PNGs here.")
-def report(study_name: str, storage: str | None, output: str, png_dir: str | None) -> None:
+@options(ReportSettings)
+def report(**values: Any) -> None:
     """A self-contained HTML report of a study: history, pruning, importances, front, best trials."""
     from kdsearch.report import write_report
 
-    result = write_report(storage, study_name, output, png_dir)
+    settings = build(ReportSettings, values)
+    result = write_report(settings.storage, settings.study_name, settings.output, settings.png)
     log(f"wrote {result['report']} ({', '.join(result['plots'])})")
     for name, reason in result["skipped"].items():
         log(f"skipped {name}: {reason}")

@@ -6,7 +6,7 @@ searches, its default search space. Everything else is derived from these declar
 command-line options (``kdsearch.cli``), a study's identity and user attributes, exported configs
 and checkpoint metadata. Values are checked when a section is built (``__post_init__``), so a
 config that exists is a valid one; a wrong value raises ``ConfigError`` naming the field, and the
-caller says it in the user's terms (``--val-size`` on the command line, ``val_size`` in a file).
+caller says it in the user's terms (``--val-size`` on the command line, ``data.val_size`` in a file).
 
 This module imports neither torch nor the training code, so ``kdsearch --help`` stays fast.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, plain
 from kdsearch.knobs import Knob, Section, knob, knobs_of
 from kdsearch.strategies import METHODS
 
@@ -59,6 +59,8 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
 # A search's default teacher must be one distillation can gain from: the tutorial's teacher is
 # weaker than a tuned student (README "Does distillation pay?").
 DEFAULT_TEACHER_PRESET = "strong"
+# The tutorial's teacher architecture: every teacher kdsearch trains or loads unless told otherwise.
+DEFAULT_TEACHER_MODEL = "deepnn"
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,10 @@ class DataConfig(Section):
         identity=True,
     )
     data_dir: str | None = knob(
-        None, "Dataset folder (imagefolder: train/<class>/ and test/<class>/).", kind=str, optional=True, path="dir"
+        None, "Dataset folder (imagefolder: train/<class>/ and test/<class>/).", kind=str, path="dir"
     )
     val_size: int = knob(5000, "Train images held out for validation (fixed split; 0 = none).", low=0, identity=True)
-    limit_train: int | None = knob(
-        None, "Keep only N training images (quick runs).", kind=int, low=1, optional=True, identity=True
-    )
+    limit_train: int | None = knob(None, "Keep only N training images (quick runs).", kind=int, low=1, identity=True)
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,17 @@ class ModelsConfig(Section):
         None,
         "Teacher checkpoint [default: the dataset's teacher, trained once if missing].",
         kind=str,
-        optional=True,
         path="file",
     )
     teacher_model: str | None = knob(
         None,
-        "Teacher architecture: deepnn or package.module:Class [default: deepnn, or a built-in name the checkpoint "
-        "records].",
+        f"Teacher architecture: deepnn or package.module:Class [default: {DEFAULT_TEACHER_MODEL}, or a built-in name "
+        "the checkpoint records].",
         kind=str,
-        optional=True,
     )
     teacher_preset: str = knob(
         DEFAULT_TEACHER_PRESET,
-        "Recipe of the dataset's default teacher, trained once when --teacher is not given: strong (the best "
+        "Recipe of the dataset's default teacher, trained once when {teacher} is not given: strong (the best "
         "measured, for searches) or tutorial (the tutorial's, to reproduce its numbers).",
         choices=tuple(TEACHER_PRESETS),
     )
@@ -158,21 +156,20 @@ class RecipeConfig(Section):
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     """The method and its own hyperparameters (complete: unset ones take the tutorial's values).
 
     Which names and values are valid depends on the method, so the method's ``Strategy`` checks
-    them (``kdsearch.losses``); that needs torch, so it is imported only when a loss is built.
+    them (``kdsearch.strategies``).
     """
 
-    method: str = "kd"
+    method: str = knob("kd", "The distillation method.", choices=METHODS)
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from kdsearch.strategies import get_strategy
 
-        if self.method not in METHODS:
-            raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        super().__post_init__()
         if not isinstance(self.params, Mapping):
             raise ConfigError("params", f"must be a mapping of name to value, got {self.params!r}")
         object.__setattr__(self, "params", get_strategy(self.method).hyperparameters(dict(self.params)))
@@ -186,21 +183,19 @@ KNOBS: dict[str, Knob] = {name: rule for cls in SECTIONS.values() for name, rule
 RECIPE_SPACE: dict[str, BaseDistribution] = {
     name: rule.space for name, rule in knobs_of(RecipeConfig) if rule.space is not None
 }
-DEVICE_KNOB = Knob("auto, cpu, cuda or cuda:N.")
+# Keys an exported config carries for provenance; reading a config passes over them.
+PROVENANCE_KEYS = ("source", "kdsearch_version")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     """Everything that defines one distillation run; the format of exported configs."""
 
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        DEVICE_KNOB.validate("device", self.device)
+    device: str = knob("auto", "auto, cpu, cuda or cuda:N.")
 
     @property
     def method(self) -> str:
@@ -240,81 +235,78 @@ class RunConfig:
         return dataclasses.replace(self, **sections, loss=LossConfig(self.method, params))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, origin: str) -> RunConfig:
-        """A config from its exported (sectioned) form, or the flat form of older kdsearch versions.
+    def read(cls, document: Mapping[str, Any]) -> RunConfig:
+        """The one reader: a config from its sectioned form, a flat one migrated first; unknown keys refused.
 
-        Unknown keys are refused, so a typo never silently trains the default.
+        A wrong value raises ``ConfigError`` naming the field, for the caller to say the user's way.
         """
-        try:
-            return cls._from_dict(data, origin)
-        except ConfigError as exc:
-            raise UserError(f"config {origin}: {exc.name} {exc.problem}") from None
+        doc = {key: value for key, value in document.items() if key not in PROVENANCE_KEYS}
+        parts: dict[str, Any] = {}
+        for key, value in (doc if is_sectioned(doc) else migrate(doc)).items():
+            section = {**SECTIONS, "loss": LossConfig}.get(key)
+            if key == "device":
+                parts[key] = value
+                continue
+            if section is None or not isinstance(value, Mapping):
+                raise UserError(f"unexpected key {key!r}; a config holds the sections {', '.join(SECTION_KEYS)}")
+            known = {name for name, _ in knobs_of(section)} | ({"params"} if key == "loss" else set())
+            if set(value) - known:
+                raise UserError(f"section {key} has unknown keys {sorted(set(value) - known)}; known: {sorted(known)}")
+            parts[key] = section(**value)
+        return cls(**parts)
 
     @classmethod
-    def _from_dict(cls, data: Mapping[str, Any], origin: str) -> RunConfig:
-        data = dict(data)
-        for key in PROVENANCE_KEYS:
-            data.pop(key, None)
-        if any(key in data for key in (*SECTIONS, "loss")):
-            flat: dict[str, Any] = {}
-            for key, value in data.items():
-                if key not in (*SECTIONS, "loss") or not isinstance(value, Mapping):
-                    raise UserError(
-                        f"config {origin}: unexpected key {key!r}; a config holds the sections "
-                        f"{', '.join((*SECTIONS, 'loss'))}"
-                    )
-                if key == "loss":
-                    _refuse_unknown(origin, key, value, {"method", "params"})
-                    flat["method"] = value.get("method", "kd")
-                    flat["hyperparameters"] = value.get("params", {})
-                else:
-                    _refuse_unknown(origin, key, value, {name for name, _ in knobs_of(SECTIONS[key])})
-                    flat.update(value)
-            data = flat
-        return cls.from_flat(data, origin=origin)
+    def from_dict(cls, document: Mapping[str, Any], *, origin: str) -> RunConfig:
+        """A config from a file or a study's attributes (``origin``), its errors said as that file's keys:
+        "config best.yaml: data.val_size must be at least 0, got -1" (flat files: their flat keys)."""
+        try:
+            return cls.read(document)
+        except ConfigError as exc:
+            raise UserError(f"config {origin}: {exc.say(file_key if is_sectioned(document) else plain)}") from None
+        except UserError as exc:
+            raise UserError(f"config {origin}: {exc}") from None
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, origin: str) -> RunConfig:
-        """A config from knob names (study attributes, the command line, pre-sections config files).
-
-        ``hyperparameters`` holds the method's own values; knobs found there (older files kept lr,
-        lr_schedule and augment with the method's values; ``--hp lr=…``) move to their section and
-        win over the same knob given beside them.
-        """
-        values = {k: v for k, v in values.items() if k not in PROVENANCE_KEYS}
-        unknown = set(values) - set(KNOBS) - {"method", "hyperparameters", "device"}
-        if unknown:
-            raise UserError(f"config {origin} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(KNOBS))}")
-        hyperparameters = values.pop("hyperparameters", None)
-        hyperparameters = {} if hyperparameters is None else hyperparameters
-        if not isinstance(hyperparameters, Mapping):
-            raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {hyperparameters!r}")
-        hyperparameters = dict(hyperparameters)
-        for name in [n for n in hyperparameters if n in KNOBS]:
-            values[name] = hyperparameters.pop(name)
-        sections = {
-            section: cls_(**{n: values[n] for n, _ in knobs_of(cls_) if n in values})
-            for section, cls_ in SECTIONS.items()
-        }
-        method = values.get("method", LossConfig.method)
-        return cls(**sections, loss=LossConfig(method, hyperparameters), device=values.get("device", "auto"))
+        """A config from knob names (study attributes, pre-sections files): ``from_dict`` reads both forms."""
+        return cls.from_dict(values, origin=origin)
 
 
-# Keys an exported config carries for provenance; reading a config passes over them.
-PROVENANCE_KEYS = ("source", "kdsearch_version")
+SECTION_KEYS = (*SECTIONS, "loss")
 
 
-def _refuse_unknown(origin: str, section: str, values: Mapping[str, Any], known: set[str]) -> None:
-    unknown = set(values) - known
+def is_sectioned(document: Mapping[str, Any]) -> bool:
+    """Whether a config is in the exported form (sections), not the flat form of older versions."""
+    return any(key in document for key in SECTION_KEYS)
+
+
+def migrate(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The sectioned form of a flat config: older exports, study attributes, command-line values.
+
+    Every knob goes to its section, ``method`` and ``hyperparameters`` (the method's values) to
+    ``loss``. Knobs found among the ``hyperparameters`` (older files kept lr, lr_schedule and augment
+    there; ``--hp lr=…``) move to their section and win over the same knob given beside them.
+    """
+    values = dict(flat)
+    unknown = set(values) - set(KNOBS) - {"method", "hyperparameters", "device"}
     if unknown:
-        raise UserError(
-            f"config {origin}: section {section} has unknown keys {sorted(unknown)}; known: {sorted(known)}"
-        )
+        raise UserError(f"unknown keys {sorted(unknown)}; a config holds the sections {', '.join(SECTION_KEYS)}")
+    params = values.pop("hyperparameters", None)
+    params = {} if params is None else params
+    if not isinstance(params, Mapping):
+        raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {params!r}")
+    params = dict(params)
+    values |= {name: params.pop(name) for name in [n for n in params if n in KNOBS]}
+    document: dict[str, Any] = {s: {n: values[n] for n, _ in knobs_of(c) if n in values} for s, c in SECTIONS.items()}
+    document["loss"] = {"params": params} | ({"method": values["method"]} if "method" in values else {})
+    return document | ({"device": values["device"]} if "device" in values else {})
 
 
-def flag(name: str) -> str:
-    """The command-line option of a knob: the one mapping from field names to the user's words."""
-    return "--" + name.replace("_", "-")
+def file_key(name: str) -> str:
+    """Where a field lives in a config file: the file reader's words for a field (``data.val_size``)."""
+    if name in SECTION_OF:
+        return f"{SECTION_OF[name]}.{name}"
+    return f"loss.{name}" if name in ("method", "params") else name
 
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
@@ -346,26 +338,23 @@ class SearchConfig(Section):
 
     trials: int | None = knob(
         None,
-        "Trials this invocation runs (all --n-jobs workers together); with --total, the study's total.",
+        "Trials this invocation runs (all {n_jobs} workers together); with {total}, the study's total.",
         kind=int,
         low=1,
-        optional=True,
     )
     timeout: float | None = knob(
-        None, "Stop starting trials after this many seconds.", kind=float, low=0.0, low_open=True, optional=True
+        None, "Stop starting trials after this many seconds.", kind=float, low=0.0, low_open=True
     )
     study_name: str | None = knob(
         None,
         "[default: <method>-<dataset>]; an existing study gets more trials.",
         kind=str,
-        optional=True,
         check=_study_name_problem,
     )
     storage: str | None = knob(
         None,
         "SQLAlchemy URL [env KDSEARCH_STORAGE; default: sqlite:///studies/kdsearch.db].",
         kind=str,
-        optional=True,
         envvar="KDSEARCH_STORAGE",
     )
     sampler: str = knob("tpe", "tpe (multivariate, constant liar), random, cmaes or grid.", choices=SAMPLERS)
@@ -376,23 +365,19 @@ class SearchConfig(Section):
         kind=int,
         low=0,
         high=MAX_SEED,
-        optional=True,
     )
     pruner: str = knob("median", "median, hyperband, percentile or none.", choices=PRUNERS)
     pruner_startup: int = knob(5, "Trials completed before pruning starts.", low=0, high=1_000_000)
-    pruner_warmup: int | None = knob(
-        None, "Epochs before a trial can be pruned [default: epochs/4].", kind=int, low=0, optional=True
-    )
+    pruner_warmup: int | None = knob(None, "Epochs before a trial can be pruned [default: epochs/4].", kind=int, low=0)
     space: str | None = knob(
         None,
         "Search-space YAML/JSON (see studies/spaces/); overrides the method's defaults.",
         kind=str,
-        optional=True,
         path="file",
     )
     fix: tuple[str, ...] = knob((), "Pin a hyperparameter: NAME=VALUE (repeatable).", kind=tuple)
     n_jobs: int = knob(1, "Worker processes on this machine, sharing the study and the CPU threads.", low=1, high=256)
-    total: bool = knob(False, "--trials is the study's total of finished trials (all workers, all hosts).")
+    total: bool = knob(False, "{trials} is the study's total of finished trials (all workers, all hosts).")
     heartbeat: int = knob(
         30, "Seconds between a trial's heartbeats; trials of dead workers are failed and retried.", low=1, high=86_400
     )
@@ -402,15 +387,15 @@ class SearchConfig(Section):
         check=_objectives_problem,
     )
     baseline: bool = knob(
-        True, "Start a new study with the tutorial's hand-set values as trial 0 (not with --sampler grid)."
+        True, "Start a new study with the tutorial's hand-set values as trial 0 (not with {sampler} grid)."
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.trials is None and self.timeout is None:
-            raise ConfigError("trials", "or --timeout SECONDS must be given (or both)")
+            raise ConfigError("trials", "or {timeout} SECONDS must be given (or both)")
         if self.total and self.trials is None:
-            raise ConfigError("total", "needs --trials N (the study's total of finished trials)")
+            raise ConfigError("total", "needs {trials} N (the study's total of finished trials)")
 
     @property
     def objective_names(self) -> tuple[str, ...]:

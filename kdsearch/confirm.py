@@ -25,18 +25,21 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import RECIPE_SPACE, RunConfig
+from kdsearch.config import RECIPE_SPACE, RunConfig, SearchConfig
 from kdsearch.distill import Prepared, prepare, train_student
-from kdsearch.errors import DivergedError, UserError
+from kdsearch.errors import ConfigError, DivergedError, UserError
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
+from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
+from kdsearch.settings import HAND_SET
 from kdsearch.storage import load_existing_study, open_storage, redact
 from kdsearch.strategies import get_strategy
 
-HAND_SET = "hand-set"
-# Seconds between a confirmation run's heartbeats: a run whose worker died goes stale after two
-# missed beats and is failed and enqueued again, so the workers waiting for it never wait forever.
-HEARTBEAT_SECONDS = 30
+# Seconds between a confirmation run's heartbeats, a search's default: a run whose worker died goes
+# stale after two missed beats and is failed and enqueued again, so waiting workers never wait forever.
+HEARTBEAT_SECONDS: int = default_of(SearchConfig, "heartbeat")
+# The user attribute that marks a run kdsearch enqueued, holding its {"arm", "seed"} (older versions: True).
+ENQUEUED = "enqueued"
 # How often a worker with nothing left to run looks whether the others' runs have finished.
 POLL_SECONDS = 2.0
 # Two-sided 95 % quantiles of Student's t by degrees of freedom; past 30 the normal's 1.96 is within 2 %.
@@ -90,7 +93,7 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
         if control_study.user_attrs.get("data_fingerprint") != study.user_attrs.get("data_fingerprint") or (
             control_study.user_attrs.get("val_size") != study.user_attrs.get("val_size")
         ):
-            raise UserError(f"--against {against}: that study searched other data or another validation split")
+            raise ConfigError("against", f"{against!r} names a study of other data or another validation split")
         # The control's own confirmed winner when it has been confirmed (a pick over seeds, as this
         # study's is), else its best trial.
         (best,) = confirmed_first(
@@ -98,7 +101,10 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
         )
         control = trial_run_config(control_study, best)
         if get_strategy(control.method).uses_teacher and control.method != base.method:
-            raise UserError(f"--against {against}: a control must need no teacher (a ce study) or share the method")
+            raise ConfigError(
+                "against",
+                f"{against!r} names a {control.method} study: a control needs no teacher (ce) or shares the method",
+            )
         arms[f"control-{against}"] = control
     return arms
 
@@ -112,7 +118,7 @@ class ConfirmObjective:
     seeds: list[int]
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if not trial.user_attrs.get("enqueued"):
+        if not trial.user_attrs.get(ENQUEUED):
             raise optuna.TrialPruned("nothing left to confirm")  # another worker took the last run
         arm = str(trial.suggest_categorical("arm", list(self.arms)))
         seed = trial.suggest_int("seed", min(self.seeds), max(self.seeds))
@@ -142,9 +148,13 @@ class ConfirmObjective:
 
 
 def run_of(trial: FrozenTrial) -> tuple[Any, Any]:
-    """A confirmation run's (arm, seed): its parameters, or while it waits, the ones it was enqueued with."""
-    params = trial.params or trial.system_attrs.get("fixed_params") or {}
-    return params.get("arm"), params.get("seed")
+    """A confirmation run's (arm, seed): its parameters, or while it waits, the run it was enqueued for.
+
+    Read from our own user attribute, not from Optuna's record of enqueued parameters (internal).
+    """
+    enqueued = trial.user_attrs.get(ENQUEUED)
+    run = trial.params or (enqueued if isinstance(enqueued, dict) else {})
+    return run.get("arm"), run.get("seed")
 
 
 def _enqueue(study: optuna.Study, arms: dict[str, RunConfig], seeds: list[int]) -> None:
@@ -152,18 +162,19 @@ def _enqueue(study: optuna.Study, arms: dict[str, RunConfig], seeds: list[int]) 
     finished = {
         run_of(t)
         for t in study.get_trials(deepcopy=False)
-        if t.state != TrialState.FAIL and t.user_attrs.get("enqueued") and "duplicate_of" not in t.user_attrs
+        if t.state != TrialState.FAIL and t.user_attrs.get(ENQUEUED) and "duplicate_of" not in t.user_attrs
     }
     for arm in arms:
         for seed in seeds:
             if (arm, seed) not in finished:
-                study.enqueue_trial({"arm": arm, "seed": seed}, user_attrs={"enqueued": True})
+                run = {"arm": arm, "seed": seed}
+                study.enqueue_trial(run, user_attrs={ENQUEUED: run})
 
 
 def _runs(study: optuna.Study, arms: dict[str, RunConfig], seeds: list[int]) -> dict[str, dict[int, FrozenTrial]]:
     runs: dict[str, dict[int, FrozenTrial]] = {arm: {} for arm in arms}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("enqueued") and t.params.get("arm") in runs and t.params.get("seed") in seeds:
+        if t.user_attrs.get(ENQUEUED) and t.params.get("arm") in runs and t.params.get("seed") in seeds:
             runs[t.params["arm"]][t.params["seed"]] = t
     return runs
 
@@ -213,7 +224,7 @@ def work_through(companion: optuna.Study, objective: ConfirmObjective) -> None:
             companion.optimize(objective, n_trials=1)
             continue
         running = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not any(t.user_attrs.get("enqueued") for t in running):
+        if not any(t.user_attrs.get(ENQUEUED) for t in running):
             return
         with warnings.catch_warnings():  # experimental in Optuna, but the one public way to reap dead runs
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

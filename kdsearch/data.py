@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kdsearch.decode import DecodedDataset, decode_dataset
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError
 
 # The tutorial normalises every 3-channel image with ImageNet's statistics; we keep that so a
 # tutorial checkpoint sees the inputs it was trained on.
@@ -110,7 +110,7 @@ def load_splits(
     decoded = decode_dataset(dataset, data_dir, cache_dir=cache_dir)
     n_train = int(decoded.train_labels.shape[0])
     if val_size >= n_train:
-        raise UserError(f"--val-size {val_size} leaves no training images (the train set has {n_train})")
+        raise ConfigError("val_size", f"must be below the {n_train} images of the train set, got {val_size}")
 
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(SPLIT_SEED))
     val_index = torch.sort(order[:val_size]).values

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch import __version__
 from kdsearch.config import KNOBS, RunConfig
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import atomic_write, read_structured_file, refuse_overwriting_inputs
 from kdsearch.paths import artifact_root
 from kdsearch.storage import (
@@ -30,6 +31,7 @@ from kdsearch.storage import (
     is_kdsearch_study,
     load_existing_study,
     open_existing_storage,
+    pareto_front,
     redact,
 )
 
@@ -83,11 +85,15 @@ def _cell(value: Any) -> str:
 
 
 def trial_run_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
-    """The run a trial was: the study's knobs with the trial's pinned and searched values, its seed."""
+    """The run a trial was: the study's knobs with the trial's pinned and searched values, its seed.
+
+    Pinned values are the trial's ``pinned`` attribute (``fixed_params`` in studies of older versions).
+    """
     attrs = study.user_attrs
     base = {key: attrs[key] for key in ("method", *KNOBS) if key in attrs}
     config = RunConfig.from_flat(base, origin=f"of study {study.study_name!r}")
-    config = config.with_values({**trial.user_attrs.get("fixed_params", {}), **trial.params})
+    pinned = trial.user_attrs.get("pinned", trial.user_attrs.get("fixed_params", {}))
+    config = config.with_values({**pinned, **trial.params})
     return config.with_values({"seed": trial.user_attrs.get("seed", config.recipe.seed)})
 
 
@@ -129,10 +135,10 @@ def load_config(path: str | Path, rank: int = 1) -> RunConfig:
         if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
             raise UserError(f"config file {path}: 'configs' must be a list of run configs")
         if not 1 <= rank <= len(configs):
-            raise UserError(f"config file {path} holds {len(configs)} configs; --rank {rank} is out of range")
+            raise ConfigError("rank", f"{rank} is out of range: config file {path} holds {len(configs)} configs")
         data = configs[rank - 1]
     elif rank != 1:
-        raise UserError(f"config file {path} holds one config; --rank {rank} is out of range")
+        raise ConfigError("rank", f"{rank} is out of range: config file {path} holds one config")
     return RunConfig.from_dict(data, origin=str(path))
 
 
@@ -151,6 +157,28 @@ def confirmation(study: optuna.Study, url: str) -> dict[str, Any]:
     except KeyError:
         return {}
     return dict(companion.user_attrs.get("summary") or {})
+
+
+def confirm_table(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The table of a `kdsearch confirm` summary, as the command prints it and the report shows it.
+
+    One row per config over the same seeds (chosen and baseline marked; test accuracy only for
+    those), then the chosen config's paired test differences to each baseline.
+    """
+    rows = [
+        {
+            "config": row["arm"] + (" (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""),
+            "validation % (mean)": row["val_mean"],
+            "test % (mean)": statistics.fmean(row["test_runs"]) if row["test_runs"] else None,
+            "params": row["params"],
+        }
+        for row in summary["rows"]
+    ]
+    differences = [
+        f"{summary['chosen']} − {arm}: {c['interval']} test points (paired by seed, mean ± 95 % CI)"
+        for arm, c in summary["chosen_minus"].items()
+    ]
+    return rows, differences
 
 
 def confirmed_first(
@@ -184,17 +212,19 @@ def export_study(
     and no output may be the storage or another output.
     """
     if output is not None and Path(output).suffix not in EXPORT_SUFFIXES:
-        raise UserError(f"-o {output}: the file must end in .yaml, .yml or .json")
+        raise ConfigError("output", f"{output} must end in .yaml, .yml or .json")
     if pareto and checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
-        raise UserError(f"--checkpoint {checkpoint} must be a folder with --pareto")
+        raise ConfigError("checkpoint", f"{checkpoint} must be a folder with {{pareto}}")
     study, url = load_existing_study(storage_url, study_name)
     storage_file = check_storage_url(url, create_parent=False)
-    refuse_overwriting_inputs({"-o": output}, (storage_file, checkpoint))
+    with about("output"):
+        refuse_overwriting_inputs({"output": output}, (storage_file, checkpoint))
     if not pareto:
-        refuse_overwriting_inputs({"--checkpoint": checkpoint}, (storage_file, output))
+        with about("checkpoint"):
+            refuse_overwriting_inputs({"checkpoint": checkpoint}, (storage_file, output))
     summary: dict[str, Any] = {}
     if pareto:
-        trials = sorted(study.best_trials, key=lambda t: t.values[1:]) if study.get_trials(deepcopy=False) else []
+        trials = pareto_front(study)
         if not trials:
             raise UserError(f"study {study_name!r} has no completed trial to export")
     else:

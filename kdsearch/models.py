@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError, UserError
 
 
 def _flat_size(channels: int, image_size: tuple[int, int], pools: int) -> int:
@@ -79,7 +79,7 @@ class LightNN(nn.Module):
     ) -> None:
         super().__init__()
         if width <= 0:
-            raise UserError(f"--width must be positive, got {width}")
+            raise ConfigError("width", f"must be positive, got {width}")
         channels = max(1, round(16 * width))
         hidden = max(1, round(256 * width))
         self.features = nn.Sequential(
@@ -138,7 +138,7 @@ def build_model(
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_kwargs or k in params}
     if width != 1.0 and "width" not in kwargs:
-        raise UserError(f"model {name!r} takes no width argument, so --width must stay 1")
+        raise ConfigError("width", f"must stay 1: model {name!r} takes no width argument")
     try:
         model = cls(**kwargs)
     except TypeError as exc:

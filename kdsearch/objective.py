@@ -56,8 +56,9 @@ class Objective:
         config = self.prepared.config.with_values(suggest(trial, self.space))
         trial.set_user_attr("seed", config.recipe.seed)
         # Pinned values are not trial params; recorded here so export rebuilds this trial exactly even
-        # when another run of the same study pinned something else.
-        trial.set_user_attr("fixed_params", pinned(self.space))
+        # when another run of the same study pinned something else. Not "fixed_params": Optuna
+        # keeps an enqueued trial's values under that name.
+        trial.set_user_attr("pinned", pinned(self.space))
         accuracies: list[float] = []
         seconds: list[float] = []
 

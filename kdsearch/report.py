@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import statistics
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.errors import UserError
-from kdsearch.export import confirmation
+from kdsearch.errors import ConfigError, UserError, about
+from kdsearch.export import best_trials, confirm_table, confirmation
 from kdsearch.fsutil import atomic_write, refuse_overwriting_inputs
-from kdsearch.storage import load_existing_study, sqlite_path
+from kdsearch.storage import load_existing_study, pareto_front, sqlite_path
 from kdsearch.strategies import METHODS, get_strategy
 
 
@@ -64,11 +63,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _best_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    if len(study.directions) > 1:
-        trials = sorted(study.best_trials, key=lambda t: t.values[1:])
-    else:
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        trials = sorted(done, key=lambda t: -t.values[0])[:10]
+    """The Pareto front of a multi-objective study, else its 10 best trials, ranked as `export` ranks them."""
+    trials = pareto_front(study) if len(study.directions) > 1 else best_trials(study, 10)
     names = list(study.metric_names or ["accuracy"])
     return [
         {
@@ -84,14 +80,16 @@ def _best_rows(study: optuna.Study) -> list[dict[str, Any]]:
 def write_report(storage_url: str | None, study_name: str, output: str, png_dir: str | None = None) -> dict[str, Any]:
     """Write the HTML report (and PNGs); returns which plots were drawn and which were skipped, why."""
     if Path(output).suffix not in (".html", ".htm"):
-        raise UserError(f"-o {output}: the report file must end in .html")
+        raise ConfigError("output", f"{output} must end in .html")
     study, url = load_existing_study(storage_url, study_name)
-    refuse_overwriting_inputs({"-o": output}, (sqlite_path(url),))
+    with about("output"):
+        refuse_overwriting_inputs({"output": output}, (sqlite_path(url),))
     if png_dir is not None:
         folder = Path(png_dir)
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"--png {png_dir} is a file, not a folder")
-        refuse_overwriting_inputs({"--png": folder / "plot.png"}, ())
+            raise ConfigError("png", f"{png_dir} is a file, not a folder")
+        with about("png"):
+            refuse_overwriting_inputs({"png": folder / "plot.png"}, ())
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise UserError(f"study {study_name!r} has no completed trial to report on")
     import optuna.visualization as plotly_plots
@@ -146,24 +144,13 @@ def _rounded(value: Any) -> Any:
 
 
 def _confirmed_section(summary: dict[str, Any]) -> str:
-    """The table `kdsearch confirm` left: every config over the same seeds, the chosen and baseline rows marked."""
+    """The table `kdsearch confirm` left (``export.confirm_table``, the one the command prints), in HTML."""
     if not summary:
         return ""
-    rows = [
-        {
-            "config": row["arm"] + (" (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""),
-            "validation % (mean)": row["val_mean"],
-            "test % (mean)": statistics.fmean(row["test_runs"]) if row["test_runs"] else "-",
-            "params": {name: _rounded(value) for name, value in row["params"].items()},
-        }
-        for row in summary["rows"]
-    ]
-    differences = "".join(
-        f"<li>{html.escape(summary['chosen'])} − {html.escape(arm)}: {html.escape(c['interval'])} test points "
-        "(paired by seed, mean ± 95 % CI)</li>"
-        for arm, c in summary["chosen_minus"].items()
-    )
-    return f"<h2>confirmed over seeds {html.escape(str(summary['seeds']))}</h2>{_table(rows)}<ul>{differences}</ul>"
+    table, differences = confirm_table(summary)
+    rows = [row | {"params": {name: _rounded(value) for name, value in row["params"].items()}} for row in table]
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in differences)
+    return f"<h2>confirmed over seeds {html.escape(str(summary['seeds']))}</h2>{_table(rows)}<ul>{items}</ul>"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -173,6 +160,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
 
     def cell(value: Any) -> str:
+        if value is None:
+            return "-"
         if isinstance(value, float):
             return f"{value:.4g}"
         if isinstance(value, dict):

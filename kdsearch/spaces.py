@@ -1,4 +1,4 @@
-"""Search spaces: Optuna distributions, the YAML/JSON file format, ``--fix`` pins, grids and baselines.
+"""Search spaces: Optuna distributions, the YAML/JSON file format, pins (``fix``), grids and baselines.
 
 A space maps a name (a recipe knob, one of the method's hyperparameters, or ``width`` in a size
 search) to an Optuna distribution to sample, or to a constant to pin. The default space is the
@@ -28,7 +28,7 @@ from kdsearch.errors import ConfigError, UserError
 from kdsearch.fsutil import read_structured_file
 
 if TYPE_CHECKING:
-    from kdsearch.losses import Strategy
+    from kdsearch.strategies import Strategy
 
 Space = dict[str, Any]  # name → a distribution, or a constant
 # The student's width multiplier, searched when the student's size is an objective.
@@ -141,13 +141,13 @@ def parse_value(raw: str) -> float | int | str | bool:
     return text
 
 
-def parse_assignments(items: tuple[str, ...] | list[str], option: str) -> dict[str, Any]:
-    """``NAME=VALUE`` pairs (``--fix``, ``--hp``) → values (so 3, 0.5, 1e-7, true and mse all work)."""
+def parse_assignments(items: tuple[str, ...] | list[str], field: str) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs of ``field`` (``fix``, ``hp``) → values (so 3, 0.5, 1e-7, true and mse all work)."""
     out: dict[str, Any] = {}
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or not name.strip() or not raw.strip():
-            raise UserError(f"{option} expects NAME=VALUE, got {item!r}")
+            raise ConfigError(field, f"expects NAME=VALUE, got {item!r}")
         out[name.strip()] = parse_value(raw)
     return out
 
@@ -196,17 +196,19 @@ def check_layer(strategy: Strategy, layer: Space, searchable: Space) -> None:
 def build_space(
     strategy: Strategy, space_file: str | None, fixes: dict[str, Any], *, search_width: bool = False
 ) -> Space:
-    """The default space, overlaid by the user's file, then ``--fix`` pins; all validated.
+    """The default space, overlaid by the user's file (``space``), then the pins (``fix``); all validated.
 
     With ``search_width`` (a size objective) the student's width multiplier joins the space.
     """
     space = default_space(strategy) | ({"width": WIDTH_SPACE} if search_width else {})
     searchable = dict(space)
-    layers = [load_space_file(space_file, strategy.name)] if space_file is not None else []
-    layers.append(dict(fixes))
-    for layer in layers:
+    layers = {"space": load_space_file(space_file, strategy.name)} if space_file is not None else {}
+    layers["fix"] = dict(fixes)
+    for field, layer in layers.items():
         if "width" in layer and not search_width:
-            raise UserError("width is searched only with a size objective: --objectives accuracy,params")
+            raise ConfigError(
+                field, "sets width, which is searched only with a size objective ({objectives} accuracy,params)"
+            )
         check_layer(strategy, layer, searchable)
         space.update(layer)
     return space
@@ -245,14 +247,14 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
             grid[name] = sorted({param.low, param.high, *(math.exp(p) if param.log else p for p in inner)})
         elif isinstance(param, IntDistribution):
             if (param.high - param.low) // param.step + 1 > MAX_GRID_POINTS:
-                raise UserError(f"--sampler grid: {name} has more than {MAX_GRID_POINTS:,} values; narrow it")
+                raise ConfigError("sampler", f"grid: {name} has more than {MAX_GRID_POINTS:,} values; narrow it")
             grid[name] = list(range(param.low, param.high + 1, param.step))
         elif isinstance(param, CategoricalDistribution):
             grid[name] = list(param.choices)
     size = math.prod(len(points) for points in grid.values())
     if size > MAX_GRID_POINTS:
-        raise UserError(
-            f"--sampler grid: the grid has {size:,} points, more than {MAX_GRID_POINTS:,}; narrow the space"
+        raise ConfigError(
+            "sampler", f"grid: the grid has {size:,} points, more than {MAX_GRID_POINTS:,}; narrow the space"
         )
     return grid
 

@@ -174,6 +174,12 @@ def counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's Pareto-optimal trials in one order everywhere (summary, export, report): by the
+    objectives after accuracy, so the smallest (fastest) student comes first."""
+    return sorted(study.best_trials, key=lambda t: t.values[1:])
+
+
 def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "_"
 

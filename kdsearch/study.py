@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from kdsearch import __version__
 from kdsearch.config import MAX_SEED, OBJECTIVES, RunConfig, SearchConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
-from kdsearch.errors import Terminated, UserError, raise_terminated
+from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
 from kdsearch.objective import Objective
 from kdsearch.progress import TrialProgress
 from kdsearch.spaces import Space, baseline_params, build_space, grid_of, parse_assignments
@@ -40,6 +40,7 @@ from kdsearch.storage import (
     default_storage_url,
     is_kdsearch_study,
     open_storage,
+    pareto_front,
     redact,
 )
 from kdsearch.strategies import get_strategy
@@ -78,7 +79,7 @@ def teacher_saw_validation(prepared: Prepared) -> bool:
 
     Then its outputs carry those images' labels, and a student that imitates the teacher closely
     scores high on validation for that reason alone. Validation rows are the first ``val_size``
-    rows of one fixed permutation, so a teacher trained with ``--val-size V`` never saw the
+    rows of one fixed permutation, so a teacher trained with ``val_size`` V never saw the
     validation rows of a search with ``val_size <= V``; a checkpoint with no record (the
     tutorial's own) is taken to have trained on everything.
     """
@@ -127,15 +128,18 @@ def load_or_create_study(
         study = None
     if study is not None:
         if not is_kdsearch_study(study):
-            raise UserError(f"study {study_name!r} exists but was not created by kdsearch; use another --study-name")
+            raise ConfigError("study_name", f"{study_name!r} names a study that was not created by kdsearch")
         if "confirms" in study.user_attrs:
-            raise UserError(f"study {study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}")
+            raise ConfigError(
+                "study_name", f"{study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}"
+            )
         existing = study.user_attrs
         for key in keys:
             if key in existing and existing[key] != attrs[key]:
-                raise UserError(
-                    f"study {study_name!r} was created with {key}={existing[key]!r}, not {attrs[key]!r}; "
-                    f"use another --study-name"
+                raise ConfigError(
+                    "study_name",
+                    f"{study_name!r} names a study created with {key}={existing[key]!r}, not {attrs[key]!r}; "
+                    "choose another",
                 )
         return study
     study = optuna.create_study(
@@ -186,9 +190,9 @@ class SearchPlan:
 def plan_search(config: RunConfig, search: SearchConfig) -> SearchPlan:
     """Validate everything that can be checked without data: the space, the sampler's grid, the storage URL."""
     if config.data.val_size <= 0:
-        raise UserError("a search needs a validation split to choose on: --val-size must be positive")
+        raise ConfigError("val_size", "must be positive: a search needs a validation split to choose on")
     strategy = get_strategy(config.method)
-    fixes = parse_assignments(search.fix, "--fix")
+    fixes = parse_assignments(search.fix, "fix")
     space = build_space(strategy, search.space, fixes, search_width=search.multi_objective)
     url = search.storage or default_storage_url()
     # Without --sampler-seed each process draws its own, so two `optimize` processes on one study
@@ -221,10 +225,11 @@ def run_search(
     attrs = study_attributes(prepared, plan.space, search.objective_names)
     study = load_or_create_study(storage, plan.study_name, attrs, identity_keys(config), plan.sampler(0), plan.pruner())
     if attrs["teacher_saw_validation"] and log is not None:
+        # Fields are mentioned as {name}: the command line's log says them as its flags.
         log(
             f"warning: the teacher was trained on this search's {config.data.val_size} validation images, so "
-            f"imitating it inflates validation accuracy; for searches, train one with "
-            f"`kdsearch teacher --val-size {config.data.val_size}` and pass --teacher"
+            "imitating it inflates validation accuracy; for searches, train one with "
+            f"`kdsearch teacher {{val_size}} {config.data.val_size}` and pass it as {{teacher}}"
         )
     if search.baseline and search.sampler != "grid" and not study.get_trials(deepcopy=False):
         # skip_if_exists: two processes starting the same new study enqueue it once.
@@ -285,7 +290,8 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, err
     except KeyboardInterrupt as exc:
         sys.exit(143 if isinstance(exc, Terminated) else 130)
     except UserError as exc:
-        errors.put(("user", str(exc)))
+        # A ConfigError stays one (it pickles), so the parent says its field as a flag.
+        errors.put(("user", exc if isinstance(exc, ConfigError) else UserError(str(exc))))
         sys.exit(2)
     except Exception:  # noqa: BLE001 - a bug in a worker: its traceback goes to the parent
         errors.put(("bug", traceback.format_exc()))
@@ -337,9 +343,9 @@ def run_workers(plan: SearchPlan, study: optuna.Study, bar: TrialProgress) -> No
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    for kind, message in failures:
+    for kind, error in failures:
         if kind == "user":
-            raise UserError(message)
+            raise error
     if failures:
         raise RuntimeError("a worker failed:\n" + failures[0][1])
 
@@ -377,7 +383,7 @@ def summarise(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str
         "best_artifact_id": None,
     }
     if plan.search.multi_objective:
-        front = sorted(study.best_trials, key=lambda t: t.values[1:])
+        front = pareto_front(study)
         summary["objectives"] = list(plan.search.objective_names)
         summary["pareto_front"] = [
             {"trial": t.number, "values": t.values, "params": t.params, "artifact_id": t.user_attrs.get("artifact_id")}

@@ -12,6 +12,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 from kdsearch.cli import cli
+from kdsearch.cli_options import flag
 from kdsearch.config import (
     KNOBS,
     DataConfig,
@@ -19,9 +20,8 @@ from kdsearch.config import (
     RecipeConfig,
     RunConfig,
     SearchConfig,
-    flag,
 )
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, speak
 from kdsearch.export import trial_config
 from kdsearch.knobs import knobs_of
 from kdsearch.study import identity_keys
@@ -42,17 +42,17 @@ def knobs(*sections: type) -> set[str]:
 
 def test_every_command_line_option_is_a_config_field() -> None:
     """A knob declared once is an option everywhere it belongs; nothing else is spelled out by hand."""
-    assert option_names("train") == set(KNOBS) | {"method", "device", "config_path", "rank", "hp_items", "out"} | {
-        "as_json",
+    assert option_names("train") == set(KNOBS) | {"method", "device", "config", "rank", "hp", "out"} | {
+        "json",
         "quiet",
     }
-    assert option_names("optimize") == set(KNOBS) | SEARCH_KNOBS | {"method", "device", "as_json", "quiet"}
+    assert option_names("optimize") == set(KNOBS) | SEARCH_KNOBS | {"method", "device", "json", "quiet"}
     assert option_names("teacher") == knobs(DataConfig, RecipeConfig) | {
         "model",
         "preset",
         "device",
         "out",
-        "as_json",
+        "json",
         "quiet",
     }
     assert knobs(DataConfig) <= option_names("evaluate")
@@ -60,7 +60,7 @@ def test_every_command_line_option_is_a_config_field() -> None:
     for name, rule in KNOBS.items():
         option = train[name]
         assert isinstance(option, click.Option)
-        assert option.opts == [flag(name)] and option.help == rule.help
+        assert option.opts == [flag(name)] and option.help == speak(rule.help, flag)
         section = next(s for s in (DataConfig, ModelsConfig, RecipeConfig) if name in s.__dataclass_fields__)
         assert option.default == section.__dataclass_fields__[name].default  # each default stated once
 
@@ -105,18 +105,18 @@ def test_configs_exported_before_the_sections_still_train() -> None:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ({"recipe": {"seed": "abc"}}, "config c.yaml: seed must be a number, got 'abc'"),
+        ({"recipe": {"seed": "abc"}}, "config c.yaml: recipe.seed must be a number, got 'abc'"),
         ({"recipe": {"seed": 1e23}}, "seed must be at most 4294967294"),
         ({"recipe": {"seed": 1.5}}, "seed must be an integer, got 1.5"),
         ({"models": {"student_model": 5}}, "student_model must be a non-empty string, got 5"),
         ({"models": {"width": 100000}}, "width must be at most 16"),
         ({"recipe": {"lr": float("nan")}}, "lr must be finite"),
-        ({"data": {"val_size": -1}}, "val_size must be at least 0"),
+        ({"data": {"val_size": -1}}, "data.val_size must be at least 0"),
         ({"recipe": {"momentum": 0.9}}, "section recipe has unknown keys ['momentum']"),
-        ({"loss": {"method": "fitnets"}}, "method must be one of"),
+        ({"loss": {"method": "fitnets"}}, "loss.method must be one of"),
         ({"loss": {"method": "kd", "params": {"soft_target_weight": 2}}}, "soft_target_weight must be at most 1"),
         ({"loss": {"method": "kd", "params": []}}, "must be a mapping of name to value, got []"),
-        ({"trainer": {}}, "config c.yaml has unknown keys ['trainer']"),
+        ({"trainer": {}}, "config c.yaml: unknown keys ['trainer']"),
     ],
 )
 def test_a_bad_value_in_a_config_file_is_named_by_its_key(document: dict[str, Any], message: str) -> None:
@@ -132,7 +132,7 @@ def test_sections_validate_when_built_and_name_the_field() -> None:
         SearchConfig(trials=1, study_name="..")
     with pytest.raises(ConfigError, match="study_name must be 1-128 characters"):
         SearchConfig(trials=1, study_name="x" * 300)
-    with pytest.raises(ConfigError, match="trials or --timeout"):
+    with pytest.raises(ConfigError, match="trials or timeout"):
         SearchConfig()
     with pytest.raises(ConfigError, match="objectives must start with accuracy"):
         SearchConfig(trials=1, objectives="params")

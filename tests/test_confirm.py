@@ -122,7 +122,7 @@ def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
     arms = {"trial-0": RunConfig(), "hand-set": RunConfig()}
     _enqueue(study, arms, [42, 43])
     _enqueue(study, arms, [42, 43])  # the re-run: every run is still waiting
-    assert sorted(t.system_attrs["fixed_params"]["seed"] for t in study.trials) == [42, 42, 43, 43]
+    assert sorted(t.user_attrs["enqueued"]["seed"] for t in study.trials) == [42, 42, 43, 43]
     done = optuna.create_trial(
         params={"arm": "trial-0", "seed": 42},
         distributions={
@@ -140,7 +140,7 @@ def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
     copy = fresh.trials[1]
     assert copy.state == TrialState.PRUNED and copy.user_attrs["duplicate_of"] == 0
     _enqueue(fresh, arms, [42])
-    assert [t.system_attrs["fixed_params"] for t in fresh.get_trials(states=(TrialState.WAITING,))] == [
+    assert [t.user_attrs["enqueued"] for t in fresh.get_trials(states=(TrialState.WAITING,))] == [
         {"arm": "hand-set", "seed": 42}
     ]
 
@@ -175,8 +175,8 @@ def test_the_control_is_its_studys_confirmed_winner(
     [
         (["--study-name", "nope"], "no study named 'nope'"),
         (["--study-name", "empty"], "has no completed trial"),
-        (["--study-name", "empty", "--top", "0"], "'--top': 0 is not in the range"),
-        (["--study-name", "empty", "--seeds", "0"], "'--seeds': 0 is not in the range"),
+        (["--study-name", "empty", "--top", "0"], "--top must be at least 1, got 0"),
+        (["--study-name", "empty", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     ],
 )
 def test_confirm_refuses_bad_input_in_one_line_writing_nothing(

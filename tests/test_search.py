@@ -106,7 +106,7 @@ def test_a_bad_trial_is_pruned_and_reruns_add_trials(
     trials = load(home, "prune").get_trials()
     assert len(trials) == 3  # the second run added to the same study
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
-    assert trials[2].user_attrs["fixed_params"]["lr"] == 1e-7 and trials[2].last_step == 1
+    assert trials[2].user_attrs["pinned"]["lr"] == 1e-7 and trials[2].last_step == 1
     # The baseline is the first trial of a new study only; the pinned lr kept it out of the baseline.
     assert [("baseline" in t.user_attrs) for t in trials] == [True, False, False]
     assert trials[0].params == {
