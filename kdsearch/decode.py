@@ -20,14 +20,14 @@ import torch
 from torch import Tensor
 
 from kdsearch.config import DATASETS
-from kdsearch.errors import UserError, warn
-from kdsearch.fsutil import atomic_write
+from kdsearch.errors import ConfigError, UserError
+from kdsearch.fsutil import load_verified, save_verified, tensor_sha256
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def default_data_dir(dataset: str) -> Path:
-    """Where torchvision-format datasets are downloaded when ``--data-dir`` is not given."""
+    """Where torchvision-format datasets are downloaded when ``data_dir`` is not given."""
     return Path(os.environ.get("KDSEARCH_DATA", "data")) / dataset
 
 
@@ -51,7 +51,9 @@ def decode_dataset(
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "imagefolder":
         if data_dir is None:
-            raise UserError("--dataset imagefolder needs --data-dir (a folder with train/<class>/ and test/<class>/)")
+            raise ConfigError(
+                "data_dir", "must be given for dataset imagefolder (a folder with train/<class>/, test/<class>/)"
+            )
         return _decode_imagefolder(Path(data_dir), cache_dir)
     root = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if dataset == "fashion-mnist":
@@ -60,16 +62,15 @@ def decode_dataset(
 
 
 def _content_fingerprint(*tensors: Tensor) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The dataset's identity: the hash of its decoded pixels and labels, equal on every host."""
+    return tensor_sha256(*tensors)[:16]
 
 
-def _download_error(name: str, root: Path, exc: Exception) -> UserError:
-    return UserError(
-        f"{name} is not in {root} and could not be downloaded ({type(exc).__name__}); "
-        f"point --data-dir at a local copy, or use --dataset imagefolder --data-dir DIR"
+def _download_error(name: str, root: Path, exc: Exception) -> ConfigError:
+    return ConfigError(
+        "data_dir",
+        f"{root} holds no {name} and it could not be downloaded ({type(exc).__name__}): point data_dir at a "
+        "local copy, or use dataset imagefolder",
     )
 
 
@@ -268,25 +269,17 @@ def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tenso
     return torch.stack(decoded), labels
 
 
-def _read_decode_cache(path: Path, listing: str) -> DecodedDataset | None:
-    """The cached decode, verified: its pixels must hash to the fingerprint stored beside them.
+CACHE_FORMAT = "kdsearch-decoded/2"  # /2: hashed by kdsearch.fsutil
+CACHED_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
 
-    A cache whose bytes changed on disk (a bad sector, a stray write) would silently change every
-    result, so it is rebuilt, with one warning line; a cache of another listing is simply replaced.
-    """
-    try:
-        blob = torch.load(path, weights_only=True)
-        if blob.get("listing") != listing:
-            return None
-        tensors = (blob["train_images"], blob["train_labels"], blob["test_images"], blob["test_labels"])
-        fingerprint = str(blob["fingerprint"])
-        verified = _content_fingerprint(*tensors) == fingerprint
-    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
-        verified = False
-    if not verified:
-        warn(f"decoded-image cache {path} is corrupt; decoding the images again")
+
+def _read_decode_cache(path: Path, listing: str) -> DecodedDataset | None:
+    """The cached decode of this listing, verified against the hash stored with it (None: decode again)."""
+    blob = load_verified(path, {"format": CACHE_FORMAT, "listing": listing}, CACHED_TENSORS, "decoded-image")
+    if blob is None:
         return None
-    return DecodedDataset(*tensors, list(blob["classes"]), fingerprint)
+    tensors = [blob[name] for name in CACHED_TENSORS]
+    return DecodedDataset(*tensors, list(blob["classes"]), _content_fingerprint(*tensors))
 
 
 def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) -> DecodedDataset:
@@ -301,7 +294,7 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
     # workers on several machines agree on the study and the teacher.
     listing = _imagefolder_fingerprint(train_files + test_files, root)
     cache_path = Path(cache_dir) / "data" / f"imagefolder-{listing}.pt" if cache_dir is not None else None
-    if cache_path is not None and cache_path.exists():
+    if cache_path is not None:
         cached = _read_decode_cache(cache_path, listing)
         if cached is not None:
             return cached
@@ -314,14 +307,6 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
     fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
     decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
     if cache_path is not None:
-        blob = {
-            "listing": listing,
-            "fingerprint": fingerprint,
-            "classes": classes,
-            "train_images": train_images,
-            "train_labels": train_labels,
-            "test_images": test_images,
-            "test_labels": test_labels,
-        }
-        atomic_write(cache_path, lambda tmp: torch.save(blob, tmp))
+        tensors = dict(zip(CACHED_TENSORS, (train_images, train_labels, test_images, test_labels), strict=True))
+        save_verified(cache_path, {"format": CACHE_FORMAT, "listing": listing, "classes": classes}, tensors)
     return decoded

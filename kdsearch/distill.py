@@ -19,7 +19,7 @@ from torch import nn
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DataConfig, RunConfig
 from kdsearch.data import TensorSplits, load_splits
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError, UserError
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
@@ -28,6 +28,8 @@ from kdsearch.paths import cache_dir
 from kdsearch.strategies import get_strategy
 from kdsearch.teacher import ensure_default_teacher, load_teacher, model_name_for
 from kdsearch.teacher_outputs import TeacherOutputs, cached_teacher_outputs
+from kdsearch.views import FEATURE_VIEWS, views_of
+from kdsearch.weighted_sum import build_loss, check_feature_shapes
 
 
 @dataclass
@@ -54,7 +56,7 @@ def prepare(
     """Load the data and the teacher's cached outputs once for all runs of ``config``.
 
     ``augmentations`` are those the runs may use (a search passes its space's choices; default:
-    the one ``config`` names); ``flip`` among them brings the teacher's mirrored-view outputs.
+    the one ``config`` names): the teacher's outputs are cached for all their views.
     """
     strategy = get_strategy(config.method)
     device = resolve_device(config.device)
@@ -79,15 +81,14 @@ def prepare(
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
     has_layer = models.teacher_layer in dict(teacher.model.named_modules())
     layer = models.teacher_layer if strategy.uses_features or has_layer else None
-    views = augmentations if augmentations is not None else (config.recipe.augment,)
-    if "shift" in views and strategy.uses_features:
-        raise UserError(
-            f"{config.method} compares hidden features, whose cache for 18 shift views would not fit in memory; "
-            "use --augment flip (or none) with feature methods"
+    views = views_of(augmentations if augmentations is not None else config.recipe.augment)
+    if strategy.uses_features and not set(views) <= set(FEATURE_VIEWS):
+        raise ConfigError(
+            "augment",
+            f"shift is for logit methods: {config.method} compares hidden features, whose cache for 18 views "
+            "would not fit in memory; use flip (or none) with feature methods",
         )
-    cached = cached_teacher_outputs(
-        teacher.model, teacher.checksum, splits, layer, device, mirrored="flip" in views, shifted="shift" in views
-    )
+    cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, views)
     outputs = cached.outputs if strategy.uses_features else cached.outputs.without_features()
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
@@ -120,7 +121,7 @@ def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> Lo
         return LossShapes()
     assert prepared.teacher is not None and prepared.teacher.features is not None
     student_shape = feature_shape(student, config.models.student_layer, prepared.splits.train.images, prepared.device)
-    return LossShapes(student_shape, tuple(prepared.teacher.features.shape[1:]))
+    return LossShapes(student_shape, tuple(prepared.teacher.features[0].shape[1:]))
 
 
 def check_loss_shapes(prepared: Prepared) -> None:
@@ -129,7 +130,7 @@ def check_loss_shapes(prepared: Prepared) -> None:
     strategy = get_strategy(config.method)
     if strategy.uses_features:
         student = build_student(config, prepared.splits).to(prepared.device)
-        strategy.check_shapes(loss_shapes(prepared, student, config))
+        check_feature_shapes(strategy, loss_shapes(prepared, student, config))
 
 
 def train_student(
@@ -149,7 +150,8 @@ def train_student(
     torch.manual_seed(config.recipe.seed)
     student = prepare_module(build_student(config, splits), device)
     shapes = loss_shapes(prepared, student, config)
-    loss_fn = prepare_module(strategy.build_loss(dict(config.loss.params), shapes, config.recipe), device)
+    loss = build_loss(strategy, dict(config.loss.params), shapes, label_smoothing=config.recipe.label_smoothing)
+    loss_fn = prepare_module(loss, device)
     reports = fit(
         student,
         loss_fn,
@@ -199,7 +201,7 @@ def run_training(
 ) -> dict[str, Any]:
     """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
     if out is not None:
-        refuse_overwriting_inputs({"--out": out}, (config.models.teacher, config.data.data_dir))
+        refuse_overwriting_inputs({"out": out}, (config.models.teacher, config.data.data_dir))
     prepared = prepare(config, progress=progress, log=log)
     result = train_student(prepared, progress=progress)
     test = evaluate(result.model, prepared.splits.test, prepared.device)
@@ -220,7 +222,7 @@ def run_training(
         "train_images": len(prepared.splits.train),
     }
     if out is not None:
-        refuse_overwriting_inputs({"--out": out}, (str(prepared.teacher_path) if prepared.teacher_path else None,))
+        refuse_overwriting_inputs({"out": out}, (str(prepared.teacher_path) if prepared.teacher_path else None,))
         save_checkpoint(out, result.model, student_metadata(prepared, result) | {"test_accuracy": test})
         summary["checkpoint"] = str(out)
     return summary
@@ -238,7 +240,9 @@ def run_evaluation(
     )
     recorded_width = loaded.metadata.get("width", 1.0)
     if width is None and (isinstance(recorded_width, bool) or not isinstance(recorded_width, (int, float))):
-        raise UserError(f"checkpoint {checkpoint} records width {recorded_width!r}, not a number; pass --width")
+        raise ConfigError(
+            "width", f"must be given: checkpoint {checkpoint} records width {recorded_width!r}, not a number"
+        )
     model = build_model(
         name,
         num_classes=splits.num_classes,

@@ -11,9 +11,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, warn
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -47,6 +50,52 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tensor_sha256(*tensors: Tensor | None) -> str:
+    """Hex SHA-256 of the tensors' bytes, in order (``None`` skipped): the content hash of every cache."""
+    import torch
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is not None:
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_verified(path: str | os.PathLike[str], header: dict[str, Any], tensors: dict[str, Tensor | None]) -> None:
+    """Write a cache of ``tensors`` with ``header`` (what it is the cache of) and their SHA-256, atomically."""
+    import torch
+
+    blob = {**header, **tensors, "sha256": tensor_sha256(*tensors.values())}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_verified(
+    path: str | os.PathLike[str], header: dict[str, Any], names: tuple[str, ...], what: str, *, mmap: bool = False
+) -> dict[str, Any] | None:
+    """A cache ``save_verified`` wrote for this ``header``, its tensors hashed again; None to (re)build it.
+
+    A missing cache, or one of something else (another header), is simply built; one whose bytes
+    changed on disk (a bad sector, a stray write, a truncated copy) would silently change every
+    result, so it is rebuilt too, with one warning line. ``mmap`` leaves the tensors in the page cache, where worker
+    processes on one machine share them.
+    """
+    import torch
+
+    if not Path(path).exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if any(blob.get(key) != value for key, value in header.items()):
+            return None
+        intact = tensor_sha256(*(blob.get(name) for name in names)) == blob.get("sha256")
+    except Exception:  # noqa: BLE001 - truncated or unreadable: rebuild rather than trust it
+        intact = False
+    if not intact:
+        warn(f"{what} cache {path} is corrupt; building it again")
+        return None
+    return blob
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from kdsearch.config import RecipeConfig
 from kdsearch.data import Split
-from kdsearch.errors import DivergedError, UserError
-from kdsearch.losses import LossInputs, WeightedSum
+from kdsearch.errors import ConfigError, DivergedError, UserError
+from kdsearch.losses import LossInputs
 from kdsearch.taps import FeatureTap
-from kdsearch.teacher_outputs import TeacherOutputs, as_input, pick_rows
-from kdsearch.views import SHIFT_VIEWS, apply_views
+from kdsearch.teacher_outputs import TeacherOutputs, as_input
+from kdsearch.views import View, apply_views, draw_views, views_of
+from kdsearch.weighted_sum import WeightedSum
 
 EVAL_BATCH_SIZE = 1024
 # How often (in steps) the running loss is checked for NaN/inf: each check syncs a GPU, and a
@@ -38,7 +39,7 @@ SGD_MOMENTUM = 0.9
 def check_precision(precision: str, device: torch.device) -> None:
     """Reject a precision the device cannot train in, before any data is loaded."""
     if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise ConfigError("precision", "fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
@@ -65,7 +66,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+        raise ConfigError("device", f"{name} was asked for, but no CUDA device is available; use cpu")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
@@ -104,25 +105,21 @@ def make_optimizer(recipe: RecipeConfig, params: list[nn.Parameter]) -> torch.op
 @dataclass
 class Batch:
     index: Tensor  # train rows
-    flip: Tensor | None  # rows shown mirrored (flip augmentation), else None
-    view: Tensor | None = None  # each row's shift view (index into views.SHIFT_VIEWS), else None
+    view: Tensor | None  # each row's view (an index into the augmentation's views); None: one view only
 
 
 def batches(
-    n: int, batch_size: int, augment: str, order: torch.Generator, views: torch.Generator, device: torch.device
+    n: int, batch_size: int, views: int, order: torch.Generator, draws: torch.Generator, device: torch.device
 ) -> Iterator[Batch]:
-    """One epoch: a seeded permutation cut into batches, with each row's view.
+    """One epoch: a seeded permutation cut into batches, each row in one of ``views`` views.
 
     The views come from their own generator, so the batch order is the same as without augmentation.
     """
     permutation = torch.randperm(n, generator=order).to(device)
     for begin in range(0, n, batch_size):
         index = permutation[begin : begin + batch_size]
-        flip = (torch.rand(len(index), generator=views) < 0.5).to(device) if augment == "flip" else None
-        shift = (
-            torch.randint(len(SHIFT_VIEWS), (len(index),), generator=views).to(device) if augment == "shift" else None
-        )
-        yield Batch(index, flip, shift)
+        view = draw_views(len(index), views, draws)
+        yield Batch(index, view.to(device) if view is not None else None)
 
 
 @dataclass
@@ -136,6 +133,7 @@ class Training:
     device: torch.device
     teacher: TeacherOutputs | None
     tap: FeatureTap | None
+    views: tuple[View, ...]
     optimizer: torch.optim.Optimizer = field(init=False)
     scaler: torch.amp.GradScaler = field(init=False)
     steps_per_epoch: int = field(init=False)
@@ -149,11 +147,7 @@ class Training:
 
     def inputs(self, batch: Batch) -> LossInputs:
         """The student's forward pass on the batch's views, and what the loss compares it with."""
-        images = self.train.images[batch.index]
-        if batch.flip is not None:
-            images = pick_rows(batch.flip, images, images.flip(-1))
-        if batch.view is not None:
-            images = apply_views(images, batch.view)
+        images = apply_views(self.train.images[batch.index], self.views, batch.view)
         with autocast(self.recipe.precision, self.device):
             logits = self.model(as_input(images, self.device))
             features = self.tap.take() if self.tap is not None else None
@@ -161,7 +155,7 @@ class Training:
         if features is not None:
             inputs.student_features = features.float()
         if self.teacher is not None:
-            inputs.teacher_logits, inputs.teacher_features = self.teacher.rows(batch.index, batch.flip, batch.view)
+            inputs.teacher_logits, inputs.teacher_features = self.teacher.rows(batch.index, batch.view)
         return inputs
 
     def step(self, batch: Batch, step: int) -> Tensor:
@@ -202,24 +196,23 @@ def fit(
     """
     if teacher is not None and len(teacher) != len(train):
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
-    if recipe.augment == "flip" and teacher is not None and teacher.mirrored is None:
-        raise ValueError("flip augmentation needs the teacher's outputs for the mirrored images")
-    if recipe.augment == "shift" and teacher is not None and teacher.shifted is None:
-        raise ValueError("shift augmentation needs the teacher's outputs for every shift view")
     check_precision(recipe.precision, device)
-    if teacher is not None and teacher.features is not None and isinstance(loss_fn, WeightedSum):
-        teacher = teacher.map_features(loss_fn.teacher_features_once)
+    views = views_of(recipe.augment)
+    if teacher is not None:
+        teacher = teacher.select(views)
+        if teacher.features is not None and isinstance(loss_fn, WeightedSum):
+            teacher = teacher.map_features(loss_fn.teacher_features_once)
     order = torch.Generator().manual_seed(recipe.seed)
-    views = torch.Generator().manual_seed(recipe.seed + 1)
+    draws = torch.Generator().manual_seed(recipe.seed + 1)
     reports: list[EpochReport] = []
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(model, student_layer)) if student_layer else None
-        run = Training(model, loss_fn, train, recipe, device, teacher, tap)
+        run = Training(model, loss_fn, train, recipe, device, teacher, tap, views)
         bar = stack.enter_context(_progress(progress, recipe.epochs * run.steps_per_epoch))
         for epoch in range(1, recipe.epochs + 1):
             start = time.perf_counter()
             mean_loss = train_epoch(
-                run, epoch, batches(len(train), recipe.batch_size, recipe.augment, order, views, device), bar
+                run, epoch, batches(len(train), recipe.batch_size, len(views), order, draws, device), bar
             )
             val_accuracy = evaluate(model, val, device) if val is not None else None
             report = EpochReport(epoch, mean_loss, val_accuracy, time.perf_counter() - start)

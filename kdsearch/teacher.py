@@ -30,6 +30,7 @@ from kdsearch.losses import LossShapes
 from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
 from kdsearch.paths import cache_dir, home_dir
 from kdsearch.strategies import get_strategy
+from kdsearch.weighted_sum import build_loss
 
 TUTORIAL_TEACHER = "deepnn"
 
@@ -85,7 +86,7 @@ def train_teacher(
         model_name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
     )
     model = prepare_module(model, device)
-    loss_fn = get_strategy("ce").build_loss({}, LossShapes(), recipe)
+    loss_fn = build_loss(get_strategy("ce"), {}, LossShapes(), label_smoothing=recipe.label_smoothing)
     reports = fit(model, loss_fn, splits.train, recipe, device=device, val=splits.val, progress=progress)
     test_accuracy = evaluate(model, splits.test, device)
     result = {

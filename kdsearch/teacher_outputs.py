@@ -3,9 +3,8 @@
 Every trial of a study distils from the same frozen teacher on the same images, so its logits and
 tapped features are computed once per (teacher checkpoint content, dataset, train rows, layer,
 normalisation, view), written atomically under ``<home>/cache/teacher/`` behind a file lock, and
-indexed by row in the loop: the teacher never runs per step. Augmentation is a fixed set of views
-(``flip``: the image and its mirror), so the outputs are cached once per view too, and a batch's
-rows are gathered from the view each row was shown in.
+indexed by (view, row) in the loop: the teacher never runs per step. Each view (``kdsearch.views``)
+has its own cache file, so every augmentation that contains a view shares it.
 """
 
 from __future__ import annotations
@@ -15,81 +14,66 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
-from kdsearch.errors import warn
-from kdsearch.fsutil import atomic_write
+from kdsearch.fsutil import load_verified, save_verified
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
-from kdsearch.views import SHIFT_VIEWS, apply_view, view_name
+from kdsearch.views import FEATURE_VIEWS, IDENTITY, View, gather_rows
 
 if TYPE_CHECKING:
     from kdsearch.data import TensorSplits
 
-CACHE_FORMAT = "kdsearch-teacher-outputs/2"  # /2: with a SHA-256 of the tensors
-
-
-def pick_rows(flip: Tensor | None, plain: Tensor, flipped: Tensor) -> Tensor:
-    """Row-wise ``flipped`` where ``flip`` is set, else ``plain``."""
-    if flip is None:
-        return plain
-    return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), flipped, plain)
+CACHE_FORMAT = "kdsearch-teacher-outputs/3"  # /3: one file per view, hashed by kdsearch.fsutil
 
 
 @dataclass
 class TeacherOutputs:
-    """The frozen teacher's logits (and tapped features) for every train row, in row order.
+    """The frozen teacher's logits (and tapped features) for every train row, per view, in row order.
 
-    ``mirrored`` holds the same for the horizontally flipped images, when ``flip`` augmentation
-    may be used: a flipped row is paired with the teacher's view of that flipped image.
+    ``logits[v]`` (and ``features[v]``) hold view ``views[v]``'s outputs; a batch gathers each row
+    from the view it was shown in, so a mirrored row is paired with the teacher's mirrored image.
     """
 
-    logits: Tensor
-    features: Tensor | None
+    views: tuple[View, ...]
+    logits: tuple[Tensor, ...]
+    features: tuple[Tensor, ...] | None
     layer: str | None
-    mirrored: TeacherOutputs | None = None
-    shifted: Tensor | None = None  # (views, rows, classes): logits of every shift view
 
     def __len__(self) -> int:
-        return int(self.logits.shape[0])
+        return int(self.logits[0].shape[0])
 
-    def rows(
-        self, index: Tensor, flip: Tensor | None = None, view: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Logits and features of rows ``index``, each from the view it was shown in (``flip``, ``view``)."""
-        if view is not None:
-            assert self.shifted is not None, "shift augmentation needs the teacher's outputs per shift view"
-            return self.shifted[view, index], None
-        logits = self.logits[index]
-        features = self.features[index] if self.features is not None else None
-        mirrored = self.mirrored if flip is not None else None
-        if mirrored is not None:
-            logits = pick_rows(flip, logits, mirrored.logits[index])
-            if features is not None and mirrored.features is not None:
-                features = pick_rows(flip, features, mirrored.features[index])
+    def select(self, views: tuple[View, ...]) -> TeacherOutputs:
+        """The outputs of ``views`` in that order (an augmentation's), without copying a tensor."""
+        missing = [view.name for view in views if view not in self.views]
+        if missing:
+            raise ValueError(f"the teacher's outputs lack the views {', '.join(missing)}")
+        positions = [self.views.index(view) for view in views]
+        features = tuple(self.features[p] for p in positions) if self.features is not None else None
+        return TeacherOutputs(views, tuple(self.logits[p] for p in positions), features, self.layer)
+
+    def rows(self, index: Tensor, view: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits and features of rows ``index``, row ``i`` from view ``view[i]`` (the first view if None)."""
+        logits = gather_rows(self.logits, index, view)
+        features = gather_rows(self.features, index, view) if self.features is not None else None
         return logits, features
 
     def to(self, device: torch.device) -> TeacherOutputs:
-        features = self.features.to(device) if self.features is not None else None
-        mirrored = self.mirrored.to(device) if self.mirrored is not None else None
-        shifted = self.shifted.to(device) if self.shifted is not None else None
-        return TeacherOutputs(self.logits.to(device), features, self.layer, mirrored, shifted)
+        features = tuple(f.to(device) for f in self.features) if self.features is not None else None
+        return replace(self, logits=tuple(t.to(device) for t in self.logits), features=features)
 
     def map_features(self, transform: Callable[[Tensor], Tensor]) -> TeacherOutputs:
         """The same outputs with ``transform`` applied to the features of every view."""
-        features = transform(self.features) if self.features is not None else None
-        mirrored = self.mirrored.map_features(transform) if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, features, self.layer, mirrored, self.shifted)
+        return replace(self, features=tuple(map(transform, self.features)) if self.features is not None else None)
 
     def without_features(self) -> TeacherOutputs:
         """Logits only (so features are not indexed per step by a logit-only method)."""
-        mirrored = self.mirrored.without_features() if self.mirrored is not None else None
-        return TeacherOutputs(self.logits, None, None, mirrored, self.shifted)
+        return replace(self, features=None, layer=None)
 
 
 def as_input(images: Tensor, device: torch.device) -> Tensor:
@@ -107,28 +91,23 @@ def compute_teacher_outputs(
     device: torch.device,
     batch_size: int = 512,
     *,
-    mirrored: bool = False,
-    view: tuple[int, int, bool] | None = None,
+    view: View = IDENTITY,
 ) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images`` (flipped left-right when ``mirrored``, or in a shift ``view``)."""
+    """Run the frozen teacher once over ``images`` in ``view``."""
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
         for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
-            if mirrored:
-                batch = batch.flip(-1)
-            if view is not None:
-                batch = apply_view(batch, view)
+            batch = view.apply(images[i : i + batch_size])
             logits.append(teacher(as_input(batch, device)).float().cpu())
             if tap is not None:
                 features.append(tap.take().float().contiguous().cpu())
-    return TeacherOutputs(torch.cat(logits), torch.cat(features) if features else None, layer)
+    return TeacherOutputs((view,), (torch.cat(logits),), (torch.cat(features),) if features else None, layer)
 
 
-def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, layer: str | None, view: str) -> str:
+def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, layer: str | None, view: View) -> str:
     """Everything the cached outputs depend on; any change gives a new key and a fresh cache."""
     parts = {
         "format": CACHE_FORMAT,
@@ -140,37 +119,9 @@ def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, l
         "mean": list(splits.mean),
         "std": list(splits.std),
         "layer": layer,
-        "view": view,
+        "view": view.name,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def content_digest(*tensors: Tensor | None) -> str:
-    """SHA-256 of the tensors' bytes: stored with a cache and checked when it is read."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is not None:
-            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _read_cache(path: str, key: str, rows: int, layer: str | None) -> TeacherOutputs | None:
-    """The cached outputs if they are this key's and intact; a corrupt file is rebuilt with one warning."""
-    try:
-        # Memory-mapped: worker processes on one machine share the pages instead of each holding a copy.
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if blob.get("format") != CACHE_FORMAT or blob.get("key") != key:
-            return None
-        logits, features = blob["logits"], blob.get("features")
-        if logits.shape[0] != rows or (layer is not None and (features is None or features.shape[0] != rows)):
-            return None
-        intact = content_digest(logits, features) == blob.get("sha256")
-    except Exception:  # noqa: BLE001 - truncated or unreadable: rebuild rather than trust it
-        intact = False
-    if not intact:
-        warn(f"teacher-output cache {path} is corrupt; computing the teacher's outputs again")
-        return None
-    return TeacherOutputs(logits, features, layer)
 
 
 @dataclass
@@ -186,50 +137,46 @@ def cached_teacher_outputs(
     splits: TensorSplits,
     layer: str | None,
     device: torch.device,
-    *,
-    mirrored: bool = False,
-    shifted: bool = False,
+    views: tuple[View, ...] = (IDENTITY,),
 ) -> CachedOutputs:
-    """Teacher outputs for ``splits.train`` (on ``device``), from the cache or computed once and cached.
+    """Teacher outputs of ``views`` for ``splits.train`` (on ``device``), from the cache or computed once.
 
-    With ``mirrored`` the outputs for the flipped images come along (``.mirrored``). A file lock
-    makes concurrent builders (worker processes) wait for the first one's cache rather than compute
-    it again; the cache is written atomically, so a crash never leaves a partial file.
+    ``layer``'s features are cached for the views in ``FEATURE_VIEWS`` only, the rest hold logits
+    (``features`` is then None). A file lock makes concurrent builders (worker processes) wait for
+    the first one's cache rather than compute it again; the cache is written atomically, so a crash
+    never leaves a partial file.
     """
     start = time.perf_counter()
-    outputs, built = _view_outputs(teacher, checksum, splits, layer, device, "identity")
-    if mirrored:
-        outputs.mirrored, built_mirror = _view_outputs(teacher, checksum, splits, layer, device, "mirrored")
-        built = built or built_mirror
-    if shifted:
-        # Logits only: one view's tapped features of CIFAR-10 fill hundreds of MB, 18 views gigabytes.
-        views = [_view_outputs(teacher, checksum, splits, None, device, view_name(v)) for v in SHIFT_VIEWS]
-        outputs.shifted = torch.stack([view.logits for view, _ in views])
-        built = built or any(made for _, made in views)
+    built = False
+    per_view: list[TeacherOutputs] = []
+    for view in views:
+        outputs, made = _view_outputs(teacher, checksum, splits, layer if view in FEATURE_VIEWS else None, device, view)
+        per_view.append(outputs)
+        built = built or made
+    with_features = all(outputs.features is not None for outputs in per_view)
+    outputs = TeacherOutputs(
+        views,
+        tuple(outputs.logits[0] for outputs in per_view),
+        tuple(outputs.features[0] for outputs in per_view) if with_features else None,  # type: ignore[index]
+        layer if with_features else None,
+    )
     return CachedOutputs(outputs.to(device), time.perf_counter() - start, built)
 
 
 def _view_outputs(
-    teacher: nn.Module, checksum: str, splits: TensorSplits, layer: str | None, device: torch.device, view: str
+    teacher: nn.Module, checksum: str, splits: TensorSplits, layer: str | None, device: torch.device, view: View
 ) -> tuple[TeacherOutputs, bool]:
     key = cache_key(checksum, teacher, splits, layer, view)
     path = cache_dir() / "teacher" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = len(splits.train)
+    header = {"format": CACHE_FORMAT, "key": key}
     with FileLock(str(path) + ".lock"):
-        outputs = _read_cache(str(path), key, rows, layer) if path.exists() else None
-        if outputs is not None:
-            return outputs, False
-        shift = next((v for v in SHIFT_VIEWS if view_name(v) == view), None)
-        outputs = compute_teacher_outputs(
-            teacher, splits.train.images, layer, device, mirrored=view == "mirrored", view=shift
-        )
-        blob = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            "logits": outputs.logits,
-            "features": outputs.features,
-            "sha256": content_digest(outputs.logits, outputs.features),
-        }
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        blob = load_verified(path, header, ("logits", "features"), "teacher-output", mmap=True)
+        features = blob.get("features") if blob is not None and layer is not None else None
+        if blob is not None and blob["logits"].shape[0] == rows and (layer is None or features is not None):
+            cached = TeacherOutputs((view,), (blob["logits"],), (features,) if features is not None else None, layer)
+            return cached, False
+        outputs = compute_teacher_outputs(teacher, splits.train.images, layer, device, view=view)
+        save_verified(path, header, {"logits": outputs.logits[0], "features": outputs.features[0] if layer else None})
         return outputs, True

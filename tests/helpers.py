@@ -15,10 +15,12 @@ from kdsearch.config import RecipeConfig, RunConfig
 from kdsearch.data import Split
 from kdsearch.distill import Prepared, StudentResult, train_student
 from kdsearch.loop import EpochReport, fit, prepare_module
-from kdsearch.losses import CrossEntropy, WeightedSum
+from kdsearch.losses.ce import CrossEntropy
 from kdsearch.models import LightNN
 from kdsearch.teacher import LoadedTeacher
 from kdsearch.teacher_outputs import CachedOutputs, cached_teacher_outputs
+from kdsearch.views import views_of
+from kdsearch.weighted_sum import WeightedSum
 
 CPU = torch.device("cpu")
 # `make bench-gpu` runs the device tests with KDSEARCH_TEST_DEVICE=cuda; everywhere else they run on the CPU.
@@ -83,10 +85,6 @@ def fit_tiny(
     return fit(model, loss_fn, train, recipe, device=device, **rest)
 
 
-def outputs_of(
-    teacher: LoadedTeacher, splits: Any, layer: str | None, *, mirrored: bool = False, shifted: bool = False
-) -> CachedOutputs:
-    """The teacher's cached outputs on the CPU (built on first use)."""
-    return cached_teacher_outputs(
-        teacher.model, teacher.checksum, splits, layer, CPU, mirrored=mirrored, shifted=shifted
-    )
+def outputs_of(teacher: LoadedTeacher, splits: Any, layer: str | None, augment: str = "none") -> CachedOutputs:
+    """The teacher's cached outputs on the CPU for the views of ``augment`` (built on first use)."""
+    return cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, CPU, views_of(augment))

@@ -10,7 +10,7 @@ import torch
 
 from kdsearch.data import TUTORIAL_MEAN, TUTORIAL_STD, load_splits
 from kdsearch.decode import decode_dataset
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError, UserError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -127,8 +127,9 @@ def test_offline_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
-    with pytest.raises(UserError, match=r"could not be downloaded.*--data-dir"):
+    with pytest.raises(ConfigError, match=r"could not be downloaded.*point data_dir at a local copy") as raised:
         load_splits("cifar10", tmp_path / "cifar")
+    assert raised.value.name == "data_dir"
 
 
 def test_sixteen_bit_pngs_are_read_as_eight_bit(tmp_path: Path) -> None:

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.config import RecipeConfig
 from kdsearch.errors import UserError
-from kdsearch.losses import CrossEntropy, LossInputs, LossShapes, WeightedSum
+from kdsearch.losses import LossInputs, LossShapes
+from kdsearch.losses.ce import CrossEntropy
+from kdsearch.losses.cosine import reduce_to
+from kdsearch.losses.nckd import nckd
+from kdsearch.losses.tckd import tckd
 from kdsearch.strategies import METHODS, get_strategy
-from kdsearch.strategies.cosine import reduce_to
-from kdsearch.strategies.dkd import nckd, tckd
+from kdsearch.weighted_sum import WeightedSum, build_loss, check_feature_shapes
 
 torch.manual_seed(0)
 B = 4
@@ -29,12 +31,12 @@ def inputs() -> LossInputs:
 
 
 def test_ce_is_cross_entropy() -> None:
-    loss = get_strategy("ce").build_loss({}, NONE)(inputs())
+    loss = build_loss(get_strategy("ce"), {}, NONE)(inputs())
     assert torch.equal(loss, nn.CrossEntropyLoss()(STUDENT_LOGITS, LABELS))
 
 
 def test_label_smoothing_reaches_the_cross_entropy_term() -> None:
-    loss = get_strategy("ce").build_loss({}, NONE, RecipeConfig(label_smoothing=0.1))(inputs())
+    loss = build_loss(get_strategy("ce"), {}, NONE, label_smoothing=0.1)(inputs())
     assert torch.allclose(loss, nn.CrossEntropyLoss(label_smoothing=0.1)(STUDENT_LOGITS, LABELS))
     assert not torch.allclose(loss, nn.CrossEntropyLoss()(STUDENT_LOGITS, LABELS))
 
@@ -53,7 +55,7 @@ def test_a_weighted_sum_adds_its_terms_in_order() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_a_method_is_its_terms_and_ce_comes_last(method: str) -> None:
     strategy = get_strategy(method)
-    loss_fn = strategy.build_loss(strategy.hyperparameters({}), MAPS)
+    loss_fn = build_loss(strategy, strategy.hyperparameters({}), MAPS)
     assert isinstance(loss_fn.terms[-1], CrossEntropy)
     names = [type(t).__name__ for t in loss_fn.terms]
     expected = {
@@ -71,7 +73,7 @@ def test_kd_matches_the_tutorial_formula() -> None:
     strategy = get_strategy("kd")
     hp = strategy.hyperparameters({})
     assert hp == {"temperature": 2.0, "soft_target_weight": 0.25}
-    loss = strategy.build_loss(hp, NONE)(inputs())
+    loss = build_loss(strategy, hp, NONE)(inputs())
     t = 2.0
     soft_targets = nn.functional.softmax(TEACHER_LOGITS / t, dim=-1)
     soft_prob = nn.functional.log_softmax(STUDENT_LOGITS / t, dim=-1)
@@ -83,7 +85,7 @@ def test_kd_matches_the_tutorial_formula() -> None:
 def test_kd_explicit_ce_weight_overrides_the_mixing_weight() -> None:
     strategy = get_strategy("kd")
     hp = strategy.hyperparameters({"soft_target_weight": 0.0, "ce_weight": 2.0})
-    loss_fn = strategy.build_loss(hp, NONE)
+    loss_fn = build_loss(strategy, hp, NONE)
     assert len(loss_fn.terms) == 1  # the soft targets at weight 0 are not built
     assert torch.allclose(loss_fn(inputs()), 2.0 * nn.CrossEntropyLoss()(STUDENT_LOGITS, LABELS))
 
@@ -91,7 +93,7 @@ def test_kd_explicit_ce_weight_overrides_the_mixing_weight() -> None:
 def test_cosine_matches_the_tutorial_pooling_and_loss() -> None:
     strategy = get_strategy("cosine")
     hp = strategy.hyperparameters({})
-    loss = strategy.build_loss(hp, MAPS)(inputs())
+    loss = build_loss(strategy, hp, MAPS)(inputs())
     teacher = nn.functional.avg_pool1d(torch.flatten(TEACHER_MAP, 1), 2)  # 2048 -> 1024, as the tutorial
     student = torch.flatten(STUDENT_MAP, 1)
     hidden = nn.CosineEmbeddingLoss()(student, teacher, target=torch.ones(B))
@@ -101,8 +103,8 @@ def test_cosine_matches_the_tutorial_pooling_and_loss() -> None:
 
 def test_cosine_max_reduction_and_uneven_sizes() -> None:
     strategy = get_strategy("cosine")
-    loss_fn = strategy.build_loss(
-        strategy.hyperparameters({"reduce": "max", "hidden_weight": 1.0}), LossShapes((10,), (25,))
+    loss_fn = build_loss(
+        strategy, strategy.hyperparameters({"reduce": "max", "hidden_weight": 1.0}), LossShapes((10,), (25,))
     )
     student, teacher = torch.randn(B, 10), torch.randn(B, 25)
     got = loss_fn(LossInputs(STUDENT_LOGITS, LABELS, student, TEACHER_LOGITS, teacher))
@@ -116,7 +118,7 @@ def test_regressor_matches_a_hand_built_regressor(distance: str) -> None:
     strategy = get_strategy("regressor")
     hp = strategy.hyperparameters({"distance": distance})
     torch.manual_seed(1)
-    loss_fn = strategy.build_loss(hp, MAPS)
+    loss_fn = build_loss(strategy, hp, MAPS)
     conv = loss_fn.terms[0].regressor[0]
     assert isinstance(conv, nn.Conv2d) and (conv.in_channels, conv.out_channels, conv.kernel_size) == (16, 32, (3, 3))
     regressed = nn.functional.conv2d(STUDENT_MAP, conv.weight, conv.bias, padding=1)
@@ -133,7 +135,7 @@ def test_regressor_matches_a_hand_built_regressor(distance: str) -> None:
 def test_regressor_shape_is_a_hyperparameter() -> None:
     strategy = get_strategy("regressor")
     hp = strategy.hyperparameters({"kernel_size": 5, "depth": 3, "hidden_channels": 64})
-    loss_fn = strategy.build_loss(hp, MAPS)
+    loss_fn = build_loss(strategy, hp, MAPS)
     regressor = loss_fn.terms[0].regressor
     convs = [m for m in regressor if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [(16, 64, 5), (64, 64, 5), (64, 32, 5)]
@@ -143,9 +145,9 @@ def test_regressor_shape_is_a_hyperparameter() -> None:
 def test_regressor_rejects_unmatched_maps() -> None:
     strategy = get_strategy("regressor")
     with pytest.raises(UserError, match="spatial size"):
-        strategy.build_loss(strategy.hyperparameters({}), LossShapes((16, 16, 16), (32, 8, 8)))
+        build_loss(strategy, strategy.hyperparameters({}), LossShapes((16, 16, 16), (32, 8, 8)))
     with pytest.raises(UserError, match="feature maps"):
-        strategy.check_shapes(LossShapes((1024,), (32, 8, 8)))
+        check_feature_shapes(strategy, LossShapes((1024,), (32, 8, 8)))
 
 
 @pytest.mark.parametrize(
@@ -205,7 +207,7 @@ def test_dkd_matches_a_direct_computation_of_its_formula(alpha: float, beta: flo
     assert float(tckd(STUDENT_LOGITS, TEACHER_LOGITS, LABELS, t)) == pytest.approx(expected_tckd, rel=1e-4, abs=1e-6)
     assert float(nckd(STUDENT_LOGITS, TEACHER_LOGITS, LABELS, t)) == pytest.approx(expected_nckd, rel=1e-4, abs=1e-6)
     strategy = get_strategy("dkd")
-    loss = strategy.build_loss(strategy.hyperparameters({"alpha": alpha, "beta": beta, "temperature": t}), NONE)
+    loss = build_loss(strategy, strategy.hyperparameters({"alpha": alpha, "beta": beta, "temperature": t}), NONE)
     ce = float(nn.CrossEntropyLoss()(STUDENT_LOGITS, LABELS))
     assert float(loss(inputs())) == pytest.approx(alpha * expected_tckd + beta * expected_nckd + ce, rel=1e-4)
 
@@ -222,7 +224,7 @@ def test_dkd_gradients_are_finite_for_confident_teachers() -> None:
 def test_kd_equals_dkd_with_the_teachers_coupling() -> None:
     """The paper's decomposition: KD = TCKD + (1 - p_t^target) · NCKD, per sample."""
     t = 3.0
-    kd = get_strategy("kd").build_loss({"soft_target_weight": 1.0, "temperature": t}, NONE).terms[0]
+    kd = build_loss(get_strategy("kd"), {"soft_target_weight": 1.0, "temperature": t}, NONE).terms[0]
     for i in range(B):
         one = LossInputs(STUDENT_LOGITS[i : i + 1], LABELS[i : i + 1], None, TEACHER_LOGITS[i : i + 1])
         p_target = torch.softmax(TEACHER_LOGITS[i] / t, dim=0)[LABELS[i]]

@@ -293,7 +293,7 @@ def _build_cache(home: str, folder: str, teacher: str, queue: multiprocessing.Qu
     splits = load_splits("imagefolder", folder, val_size=50)
     loaded = load_teacher(teacher, None, splits, torch.device("cpu"))
     cached = cached_teacher_outputs(loaded.model, loaded.checksum, splits, "features", torch.device("cpu"))
-    queue.put((cached.built, float(cached.outputs.logits.sum())))
+    queue.put((cached.built, float(cached.outputs.logits[0].sum())))
 
 
 def test_concurrent_builders_produce_one_cache(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:

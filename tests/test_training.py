@@ -15,14 +15,16 @@ from kdsearch.checkpoints import load_checkpoint, save_checkpoint
 from kdsearch.config import RecipeConfig, RunConfig
 from kdsearch.data import load_splits
 from kdsearch.distill import prepare, train_student
-from kdsearch.errors import ConfigError, UserError
-from kdsearch.loop import DivergedError, evaluate, learning_rate_at, prepare_module
+from kdsearch.errors import ConfigError, DivergedError, UserError
+from kdsearch.loop import evaluate, learning_rate_at, prepare_module
 from kdsearch.losses import LossInputs, LossShapes
+from kdsearch.losses.cosine import CosineFeatures
 from kdsearch.models import DeepNN, LightNN
 from kdsearch.strategies import get_strategy
-from kdsearch.strategies.cosine import CosineFeatures
 from kdsearch.teacher import load_teacher
 from kdsearch.teacher_outputs import TeacherOutputs, compute_teacher_outputs
+from kdsearch.views import IDENTITY, MIRRORED, SHIFT_VIEWS, View
+from kdsearch.weighted_sum import build_loss
 from tests.helpers import CPU, TEST_DEVICE, fit_tiny, outputs_of, pattern_config, train_with
 
 FEATURE_SHAPES = LossShapes((16, 8, 8), (32, 8, 8))
@@ -119,13 +121,13 @@ def test_teacher_outputs_are_cached_once_and_keyed(
     first = outputs_of(teacher, splits, "features")
     outputs = first.outputs
     assert first.built
-    assert outputs.logits.shape == (250, 10) and outputs.features is not None
-    assert outputs.features.shape == (250, 32, 8, 8)
+    assert outputs.logits[0].shape == (250, 10) and outputs.features is not None
+    assert outputs.features[0].shape == (250, 32, 8, 8)
     files = sorted((home / "cache" / "teacher").glob("*.pt"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
     again = outputs_of(teacher, splits, "features")
-    assert not again.built and torch.equal(again.outputs.logits, outputs.logits)
+    assert not again.built and torch.equal(again.outputs.logits[0], outputs.logits[0])
     assert files[0].stat().st_mtime_ns == stamp
     # Another layer, or another split, is another cache entry.
     outputs_of(teacher, splits, "features.5")
@@ -134,7 +136,7 @@ def test_teacher_outputs_are_cached_once_and_keyed(
     # A truncated cache file is detected and rebuilt, never trusted.
     files[0].write_bytes(files[0].read_bytes()[:64])
     rebuilt = outputs_of(teacher, splits, "features")
-    assert rebuilt.built and torch.equal(rebuilt.outputs.logits, outputs.logits)
+    assert rebuilt.built and torch.equal(rebuilt.outputs.logits[0], outputs.logits[0])
     # Another teacher file (other weights) is another key.
     other = tmp_path / "other.pt"
     torch.manual_seed(7)
@@ -155,13 +157,13 @@ def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pa
     student_logits = torch.randn(len(index), 10)
     for method in ("kd", "cosine"):
         strategy = get_strategy(method)
-        loss_fn = strategy.build_loss(strategy.hyperparameters({}), FEATURE_SHAPES)
+        loss_fn = build_loss(strategy, strategy.hyperparameters({}), FEATURE_SHAPES)
         labels = splits.train.labels[index]
         student_features = torch.randn(len(index), 16, 8, 8)
-        from_cache = loss_fn(
-            LossInputs(student_logits, labels, student_features, cached.logits[index], cached.features[index])
-        )
-        from_live = loss_fn(LossInputs(student_logits, labels, student_features, live.logits, live.features))
+        cached_logits, cached_features = cached.rows(index)
+        live_logits, live_features = live.rows(torch.arange(len(index)))
+        from_cache = loss_fn(LossInputs(student_logits, labels, student_features, cached_logits, cached_features))
+        from_live = loss_fn(LossInputs(student_logits, labels, student_features, live_logits, live_features))
         assert torch.allclose(from_cache, from_live, atol=1e-6), method
 
 
@@ -214,8 +216,10 @@ def test_hybrid_with_every_distillation_weight_zero_is_ce(
         assert torch.equal(a, b)
     # With weights on, every term contributes and the regressor trains with the student.
     strategy = get_strategy("hybrid")
-    loss_fn = strategy.build_loss(
-        strategy.hyperparameters({"kd_weight": 1.0, "cosine_weight": 1.0, "regressor_weight": 1.0}), FEATURE_SHAPES
+    loss_fn = build_loss(
+        strategy,
+        strategy.hyperparameters({"kd_weight": 1.0, "cosine_weight": 1.0, "regressor_weight": 1.0}),
+        FEATURE_SHAPES,
     )
     assert sum(p.numel() for p in loss_fn.parameters()) == 16 * 32 * 9 + 32
 
@@ -353,11 +357,11 @@ def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_
 ) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
     teacher = load_teacher(pattern_teacher, None, splits, CPU)
-    cached = outputs_of(teacher, splits, "features", mirrored=True)
-    assert cached.outputs.mirrored is not None and cached.built
+    cached = outputs_of(teacher, splits, "features", "flip")
+    assert cached.outputs.views == (IDENTITY, MIRRORED) and cached.built
     # The mirrored view is its own cache entry, reused like the plain one.
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 2
-    assert not outputs_of(teacher, splits, "features", mirrored=True).built
+    assert not outputs_of(teacher, splits, "features", "flip").built
     student, loss_fn = RecordingStudent(), RecordingLoss()
     fit_tiny(splits.train, student, loss_fn, epochs=2, teacher=cached.outputs, augment="flip")
     plain = {row.numpy().tobytes() for row in splits.train.images}
@@ -365,8 +369,8 @@ def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_
     flipped = 0
     for images, (logits, features) in zip(student.batches, loss_fn.teacher, strict=True):
         live = compute_teacher_outputs(teacher.model, images, "features", CPU)
-        assert torch.allclose(logits, live.logits, atol=1e-5)
-        assert live.features is not None and torch.allclose(features, live.features, atol=1e-5)
+        assert torch.allclose(logits, live.logits[0], atol=1e-5)
+        assert live.features is not None and torch.allclose(features, live.features[0], atol=1e-5)
         for row in images:
             key = row.contiguous().numpy().tobytes()
             assert key in plain or key in mirrored
@@ -378,18 +382,18 @@ def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_
 def test_flip_needs_the_mirrored_teacher_outputs(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
     plain = outputs_of(load_teacher(pattern_teacher, None, splits, CPU), splits, "features").outputs
-    with pytest.raises(ValueError, match="mirrored"):
+    with pytest.raises(ValueError, match="lack the views mirrored"):
         fit_tiny(splits.train, RecordingStudent(), RecordingLoss(), teacher=plain, augment="flip")
 
 
 def test_a_flip_run_prepares_the_mirrored_view_itself(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
     config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment="flip")
     prepared = prepare(config)
-    assert prepared.teacher is not None and prepared.teacher.mirrored is not None
-    assert prepared.teacher.features is None and prepared.teacher.mirrored.features is None  # kd uses logits only
+    assert prepared.teacher is not None and prepared.teacher.views == (IDENTITY, MIRRORED)
+    assert prepared.teacher.features is None  # kd uses logits only
     result = train_student(prepared)
     assert result.config.recipe.augment == "flip" and result.val_accuracy is not None and result.val_accuracy > 30
-    assert prepare(pattern_config(pattern_folder, pattern_teacher, method="kd")).teacher.mirrored is None  # type: ignore[union-attr]
+    assert prepare(pattern_config(pattern_folder, pattern_teacher, method="kd")).teacher.views == (IDENTITY,)  # type: ignore[union-attr]
 
 
 class RecordingLogitsLoss(nn.Module):
@@ -406,15 +410,13 @@ class RecordingLogitsLoss(nn.Module):
 
 
 def test_a_shift_view_moves_the_image_and_fills_with_zeros() -> None:
-    from kdsearch.views import SHIFT_VIEWS, apply_view
-
     image = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8) + 1
-    right = apply_view(image, (4, 0, False))
+    right = View(4, 0).apply(image)
     assert torch.equal(right[..., :, 4:], image[..., :, :4]) and not right[..., :, :4].any()
-    up_mirrored = apply_view(image, (0, -4, True))
+    up_mirrored = View(0, -4, mirrored=True).apply(image)
     assert torch.equal(up_mirrored[..., :4, :], image[..., 4:, :].flip(-1)) and not up_mirrored[..., 4:, :].any()
-    assert len(SHIFT_VIEWS) == 18 and SHIFT_VIEWS[4] == (0, 0, False)
-    assert torch.equal(apply_view(image, SHIFT_VIEWS[4]), image)
+    assert len(SHIFT_VIEWS) == 18 and SHIFT_VIEWS[4] == IDENTITY and SHIFT_VIEWS[13] == MIRRORED
+    assert torch.equal(SHIFT_VIEWS[4].apply(image), image)
 
 
 def test_shift_views_pair_each_row_with_the_teachers_outputs_for_that_view(
@@ -423,16 +425,20 @@ def test_shift_views_pair_each_row_with_the_teachers_outputs_for_that_view(
     """The student sees the view the teacher scored: cached outputs equal live teacher runs on the batch."""
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
     teacher = load_teacher(pattern_teacher, None, splits, CPU)
-    cached = outputs_of(teacher, splits, None, shifted=True)
-    assert cached.built and cached.outputs.shifted is not None and cached.outputs.shifted.shape == (18, 250, 10)
-    assert not outputs_of(teacher, splits, None, shifted=True).built  # every view is cached once
+    cached = outputs_of(teacher, splits, None, "shift")
+    assert cached.built and cached.outputs.views == SHIFT_VIEWS
+    assert [tuple(logits.shape) for logits in cached.outputs.logits] == [(250, 10)] * 18
+    assert not outputs_of(teacher, splits, None, "shift").built  # every view is cached once
+    # The identity and mirrored views are the same cache files a flip run uses: 18 files in all.
+    assert not outputs_of(teacher, splits, None, "flip").built
+    assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 18
     student, loss_fn = RecordingStudent(), RecordingLogitsLoss()
     fit_tiny(splits.train, student, loss_fn, epochs=1, teacher=cached.outputs, augment="shift")
     plain = {row.numpy().tobytes() for row in splits.train.images}
     moved = 0
     for images, logits in zip(student.batches, loss_fn.teacher_logits, strict=True):
         live = compute_teacher_outputs(teacher.model, images, None, CPU)
-        assert torch.allclose(logits, live.logits, atol=1e-5)
+        assert torch.allclose(logits, live.logits[0], atol=1e-5)
         moved += sum(row.contiguous().numpy().tobytes() not in plain for row in images)
     assert moved > 0.8 * len(splits.train)  # 17 of the 18 views move or mirror the image
 
@@ -443,7 +449,7 @@ def test_shift_is_refused_for_feature_methods_and_left_out_of_the_default_space(
     from kdsearch.spaces import default_space
     from kdsearch.strategies import get_strategy
 
-    with pytest.raises(UserError, match=r"cosine compares hidden features.*use --augment flip"):
+    with pytest.raises(ConfigError, match=r"cosine compares hidden features.*use flip"):
         prepare(pattern_config(pattern_folder, pattern_teacher, method="cosine", augment="shift"))
     assert default_space(get_strategy("kd"))["augment"].choices == ("none", "flip")
     config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment="shift", epochs=2)

@@ -1,5 +1,5 @@
 """``ce``: the student alone, trained on labels with cross-entropy. The control every KD run must beat."""
 
-from kdsearch.losses import Strategy
+from kdsearch.strategies import Strategy
 
 STRATEGY = Strategy("ce", "student alone on hard labels (no teacher)")

@@ -2,20 +2,16 @@
 
 loss = w_kd · KD_T + w_cos · cosine + w_reg · distance(R(f_s), f_t) + CE
 
-The union of the ``kd``, ``cosine`` and ``regressor`` terms with their own parameters. Each
-distillation weight may be zero, so the search can switch a term off; with all three at zero the
-run is exactly ``ce``. The CE weight is 1 rather than mixed (three weights cannot share one
+The union of the ``soft_targets``, ``cosine`` and ``regressor`` terms with their own parameters.
+Each distillation weight may be zero, so the search can switch a term off; with all three at zero
+the run is exactly ``ce``. The CE weight is 1 rather than mixed (three weights cannot share one
 ``1 − w``), and since Adam only sees the ratios, the three weights range over [0, 2] relative to it.
 """
 
-from __future__ import annotations
-
 from optuna.distributions import FloatDistribution
 
-from kdsearch.losses import Hyper, Strategy, hyper
-from kdsearch.strategies.cosine import COSINE
-from kdsearch.strategies.kd import SOFT_TARGETS
-from kdsearch.strategies.regressor import REGRESSOR
+from kdsearch.strategies import Strategy
+from kdsearch.terms import Hyper, hyper
 
 
 def _weight(term: str) -> Hyper:
@@ -25,7 +21,7 @@ def _weight(term: str) -> Hyper:
 STRATEGY = Strategy(
     "hybrid",
     "KD, cosine and regressor losses together, each weight searchable down to zero",
-    terms={"kd_weight": SOFT_TARGETS, "cosine_weight": COSINE, "regressor_weight": REGRESSOR},
+    terms={"kd_weight": "soft_targets", "cosine_weight": "cosine", "regressor_weight": "regressor"},
     weights={
         "kd_weight": _weight("soft-target"),
         "cosine_weight": _weight("cosine"),
