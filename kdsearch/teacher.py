@@ -21,33 +21,24 @@ from torch import nn
 
 from kdsearch import __version__
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
-from kdsearch.config import TEACHER_PRESETS, DataConfig, RecipeConfig
+from kdsearch.config import DEFAULT_TEACHER_MODEL, TEACHER_PRESETS, DataConfig, RecipeConfig
 from kdsearch.data import TensorSplits, load_splits
-from kdsearch.errors import UserError
+from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
 from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
 from kdsearch.paths import cache_dir, home_dir
+from kdsearch.settings import TeacherConfig
 from kdsearch.strategies import get_strategy
 from kdsearch.weighted_sum import build_loss
 
-TUTORIAL_TEACHER = "deepnn"
+TUTORIAL_TEACHER = DEFAULT_TEACHER_MODEL  # the name bench/ knows the tutorial's teacher by
 
 
 def preset_recipe(preset: str) -> RecipeConfig:
     """The recipe a named teacher preset trains with (``kdsearch.config.TEACHER_PRESETS``)."""
     return RecipeConfig(**TEACHER_PRESETS[preset])
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """What `kdsearch teacher` trains: a model on some data with a recipe (the tutorial's by default)."""
-
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(val_size=0))
-    model: str = TUTORIAL_TEACHER
-    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
-    device: str = "auto"
 
 
 def default_teacher_path(
@@ -118,7 +109,8 @@ def train_teacher(
 def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = False) -> dict[str, Any]:
     """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
     resolve_model_class(config.model)
-    refuse_overwriting_inputs({"--out": out}, (config.data.data_dir,))
+    with about("out"):
+        refuse_overwriting_inputs({"out": out}, (config.data.data_dir,))
     device = resolve_device(config.device)
     data = config.data
     splits = load_splits(
@@ -134,23 +126,28 @@ def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = Fals
     return result | {"checkpoint": str(path)}
 
 
-def model_name_for(checkpoint_meta: dict[str, Any], given: str | None, source: str, fallback: str | None) -> str:
-    """The architecture to build for a checkpoint: the user's name, else a built-in one it records.
+def model_name_for(
+    checkpoint_meta: dict[str, Any], given: str | None, source: str, fallback: str | None, field: str = "model"
+) -> str:
+    """The architecture to build for a checkpoint: the user's name (``field``), else a built-in one it records.
 
     A checkpoint never names code to run: a ``package.module:Class`` recorded in its metadata is
-    not imported; the user must name it (``--teacher-model``/``--model``) to run it.
+    not imported; the user must name it (``field``: ``model`` or ``teacher_model``) to run it.
     """
     if given is not None:
         return given
     recorded = checkpoint_meta.get("model")
     if recorded is None:
         if fallback is None:
-            raise UserError(f"checkpoint {source} names no model; pass --model deepnn|lightnn|pkg.mod:Class")
+            raise ConfigError(
+                field, f"must be given: checkpoint {source} names no model (deepnn, lightnn or pkg.mod:Class)"
+            )
         return fallback
     if not isinstance(recorded, str) or recorded not in REGISTERED:
-        raise UserError(
-            f"checkpoint {source} was saved from model {str(recorded)[:80]!r}, which is not built in; a checkpoint "
-            "never chooses code to run: name the model yourself (--model / --teacher-model)"
+        raise ConfigError(
+            field,
+            f"must be given: checkpoint {source} was saved from model {str(recorded)[:80]!r}, which is not built in, "
+            "and a checkpoint never chooses code to run",
         )
     return recorded
 
@@ -169,7 +166,7 @@ def load_teacher(
     """Load a kdsearch teacher checkpoint or a tutorial-style state_dict, checked against the data."""
     checkpoint = load_checkpoint(path)
     meta = checkpoint.metadata
-    name = model_name_for(meta, model_name, str(path), fallback=TUTORIAL_TEACHER)
+    name = model_name_for(meta, model_name, str(path), fallback=DEFAULT_TEACHER_MODEL, field="teacher_model")
     if meta.get("num_classes") not in (None, splits.num_classes):
         raise UserError(
             f"teacher {path} was trained for {meta['num_classes']} classes; this dataset has {splits.num_classes}"
@@ -202,7 +199,7 @@ def ensure_default_teacher(
     permutation), so a search never validates on images whose labels its teacher learnt. It trains
     on every other train row, whatever ``limit_train`` says, so one teacher serves all.
     """
-    name = model or TUTORIAL_TEACHER
+    name = model or DEFAULT_TEACHER_MODEL
     recipe = preset_recipe(preset)
     path = default_teacher_path(splits, name, recipe, data.val_size)
     if not path.exists():
