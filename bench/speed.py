@@ -107,7 +107,7 @@ def regressor_conv_seconds(steps: int, batch_size: int = 128) -> float:
     channels_last on the CPU; the input needs its gradient, as the student's features do.
     """
     from kdsearch.loop import prepare_module, resolve_device
-    from kdsearch.strategies.regressor import build_regressor
+    from kdsearch.losses.regressor import build_regressor
 
     device = resolve_device("auto")
     torch.manual_seed(0)

@@ -115,3 +115,18 @@ def test_no_strategy_imports_another_and_every_term_builds_from_its_declared_par
         keywords = {p.name for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY}
         declared = set(get_term(name).params)
         assert keywords == declared or (name == "ce" and keywords == {"label_smoothing"}), name
+
+
+def test_every_kdsearch_name_the_bench_scripts_import_exists() -> None:
+    """bench/ imports kdsearch inside functions that only a benchmark run reaches: check each name here."""
+    import importlib
+
+    bench = PACKAGE.parent / "bench"
+    missing = []
+    for path in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kdsearch":
+                module = importlib.import_module(node.module)
+                names = [a.name for a in node.names if f"{node.module}.{a.name}" not in modules()]
+                missing += [f"{path.name}: {node.module}.{name}" for name in names if not hasattr(module, name)]
+    assert not missing
