@@ -10,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from kdsearch.decode import DecodedDataset, decode_dataset
+from kdsearch.paths import cache_dir
+
+if TYPE_CHECKING:
+    from kdsearch.config import DataConfig
 from kdsearch.errors import ConfigError
 
 # The tutorial normalises every 3-channel image with ImageNet's statistics; we keep that so a
@@ -154,3 +159,18 @@ def _normalisation(decoded: DecodedDataset) -> tuple[tuple[float, ...], tuple[fl
     mean = tuple(round(float(v), 4) for v in pixels.mean(dim=1))
     std = tuple(round(float(v), 4) for v in pixels.std(dim=1))
     return mean, std
+
+
+def splits_for(data: DataConfig, *, limit_train: bool = True) -> TensorSplits:
+    """The splits a run's data section names, decoded through the home's cache.
+
+    ``limit_train=False`` keeps every training image (a teacher that must not depend on a quick
+    run's limit).
+    """
+    return load_splits(
+        data.dataset,
+        data.data_dir,
+        val_size=data.val_size,
+        limit_train=data.limit_train if limit_train else None,
+        cache_dir=cache_dir(),
+    )

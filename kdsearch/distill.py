@@ -18,13 +18,12 @@ from torch import nn
 
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DataConfig, RunConfig
-from kdsearch.data import TensorSplits, load_splits
+from kdsearch.data import TensorSplits, splits_for
 from kdsearch.errors import ConfigError, UserError
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
 from kdsearch.models import build_model, count_parameters
-from kdsearch.paths import cache_dir
 from kdsearch.strategies import get_strategy
 from kdsearch.teacher import ensure_default_teacher, load_teacher, model_name_for
 from kdsearch.teacher_outputs import TeacherOutputs, cached_teacher_outputs
@@ -62,9 +61,7 @@ def prepare(
     device = resolve_device(config.device)
     check_precision(config.recipe.precision, device)
     data = config.data
-    splits = load_splits(
-        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
-    ).to(device)
+    splits = splits_for(data).to(device)
     if not strategy.uses_teacher:
         return Prepared(config, device, splits)
     models = config.models
@@ -235,9 +232,7 @@ def run_evaluation(
     loaded = load_checkpoint(checkpoint)
     name = model_name_for(loaded.metadata, model_name, checkpoint, fallback=None)
     torch_device = resolve_device(device)
-    splits = load_splits(
-        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
-    )
+    splits = splits_for(data)
     recorded_width = loaded.metadata.get("width", 1.0)
     if width is None and (isinstance(recorded_width, bool) or not isinstance(recorded_width, (int, float))):
         raise ConfigError(

@@ -22,13 +22,13 @@ from torch import nn
 from kdsearch import __version__
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DEFAULT_TEACHER_MODEL, TEACHER_PRESETS, DataConfig, RecipeConfig
-from kdsearch.data import TensorSplits, load_splits
+from kdsearch.data import TensorSplits, splits_for
 from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
 from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
-from kdsearch.paths import cache_dir, home_dir
+from kdsearch.paths import home_dir
 from kdsearch.settings import TeacherConfig
 from kdsearch.strategies import get_strategy
 from kdsearch.weighted_sum import build_loss
@@ -113,9 +113,7 @@ def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = Fals
         refuse_overwriting_inputs({"out": out}, (config.data.data_dir,))
     device = resolve_device(config.device)
     data = config.data
-    splits = load_splits(
-        data.dataset, data.data_dir, val_size=data.val_size, limit_train=data.limit_train, cache_dir=cache_dir()
-    )
+    splits = splits_for(data)
     path = (
         Path(out) if out else default_teacher_path(splits, config.model, config.recipe, data.val_size, data.limit_train)
     )
@@ -208,7 +206,7 @@ def ensure_default_teacher(
                 f"no {preset} teacher for this dataset and validation split yet: training one "
                 f"({recipe.epochs} epochs; on a CPU this takes a while, once): {path}"
             )
-        held_out = load_splits(data.dataset, data.data_dir, val_size=data.val_size, cache_dir=cache_dir())
+        held_out = splits_for(data, limit_train=False)
         settings = {"val_size": data.val_size, "limit_train": None}
         train_teacher(held_out.to(device), name, recipe, device, path, progress=progress, data_settings=settings)
     return path

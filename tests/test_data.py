@@ -114,7 +114,7 @@ def test_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (broken / "train" / "a" / "b.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match="cannot decode image"):
         load_splits("imagefolder", broken, val_size=0)
-    with pytest.raises(UserError, match="leaves no training images"):
+    with pytest.raises(ConfigError, match="val_size must be below the 1 images of the train set"):
         load_splits("imagefolder", _make_folder(tmp_path / "one", ["a"], ["a"]), val_size=1)
 
 
