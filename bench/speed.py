@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ import torch
 from cli_runner import kdsearch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+Row = tuple[str, float, str]  # a table row: the measure, its value, the target the issue set for it
+Measured = tuple[dict[str, Any], list[Row]]  # a phase's part of speed.json, and its table rows
 
 
 def tutorial_epoch_seconds(data_dir: str, teacher_path: Path, batches: int, n_train: int) -> float:
@@ -236,7 +239,8 @@ def study_seconds(data_dir: str, teacher: Path, trials: int, n_jobs: int, timed:
     return out
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line: how long each measurement runs, and which of the slow ones to skip."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
     parser.add_argument("--tutorial-batches", type=int, default=100)
@@ -247,52 +251,58 @@ def main() -> int:
     parser.add_argument("--full-study-trials", type=int, default=50, help="0 skips (f).")
     parser.add_argument("--full-study-method", default="cosine")
     parser.add_argument("--teacher", default=None, help="Teacher checkpoint [default: the dataset's tutorial teacher].")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def find_teacher(data_dir: str, teacher: str | None) -> tuple[Path, int]:
+    """The teacher checkpoint (--teacher, or the dataset's tutorial one) and the number of training images.
+
+    Loading the splits names the default teacher, and their size is an epoch's length in batches.
+    """
     from kdsearch.config import RecipeConfig
     from kdsearch.data import load_splits
     from kdsearch.paths import cache_dir
     from kdsearch.teacher import TUTORIAL_TEACHER, default_teacher_path
 
-    splits = load_splits("imagefolder", args.data_dir, val_size=0, cache_dir=cache_dir())
-    teacher = Path(args.teacher) if args.teacher else default_teacher_path(splits, TUTORIAL_TEACHER, RecipeConfig())
-    if not teacher.exists():
-        print(f"no teacher at {teacher}: run `make bench-tutorial` first", file=sys.stderr)
-        return 2
-    result: dict[str, Any] = {}
-    result["tutorial_epoch_seconds"] = tutorial_epoch_seconds(
-        args.data_dir, teacher, args.tutorial_batches, len(splits.train)
-    )
-    result["cache_build_seconds"] = cache_build_seconds(args.data_dir, teacher)
-    result["epochs"] = interleaved_epochs(args.data_dir, teacher, ["ce", "kd", "cosine", "regressor"], args.epochs)
-    kd = result["epochs"]["kd"]["steady_seconds"]
-    ce = result["epochs"]["ce"]["steady_seconds"]
+    splits = load_splits("imagefolder", data_dir, val_size=0, cache_dir=cache_dir())
+    path = Path(teacher) if teacher else default_teacher_path(splits, TUTORIAL_TEACHER, RecipeConfig())
+    return path, len(splits.train)
+
+
+def epoch_measures(args: argparse.Namespace, teacher: Path, n_train: int) -> Measured:
+    """(a) and (b): the tutorial's epoch, the cache build and kdsearch's epochs, each method against ce."""
+    measured: dict[str, Any] = {}
+    measured["tutorial_epoch_seconds"] = tutorial_epoch_seconds(args.data_dir, teacher, args.tutorial_batches, n_train)
+    measured["cache_build_seconds"] = cache_build_seconds(args.data_dir, teacher)
+    epochs = interleaved_epochs(args.data_dir, teacher, ["ce", "kd", "cosine", "regressor"], args.epochs)
+    measured["epochs"] = epochs
+    kd, ce = epochs["kd"]["steady_seconds"], epochs["ce"]["steady_seconds"]
     rows = [
-        ("(a) tutorial KD epoch / kdsearch KD epoch", result["tutorial_epoch_seconds"] / kd, ">= 20"),
+        ("(a) tutorial KD epoch / kdsearch KD epoch", measured["tutorial_epoch_seconds"] / kd, ">= 20"),
         (
             "(a) cache build / tutorial KD epoch",
-            result["cache_build_seconds"] / result["tutorial_epoch_seconds"],
+            measured["cache_build_seconds"] / measured["tutorial_epoch_seconds"],
             "<= 1",
         ),
     ]
     for method in ("kd", "cosine", "regressor"):
-        rows.append((f"(b) {method} epoch / ce epoch", result["epochs"][method]["steady_seconds"] / ce, "<= 1.10"))
-    steps = (len(splits.train) + 127) // 128
-    result["regressor_conv_seconds"] = regressor_conv_seconds(steps)
-    rows.append(
-        (
-            "(b) regressor epoch less its conv / ce epoch",
-            (result["epochs"]["regressor"]["steady_seconds"] - result["regressor_conv_seconds"]) / ce,
-            "<= 1.10",
-        )
-    )
+        rows.append((f"(b) {method} epoch / ce epoch", epochs[method]["steady_seconds"] / ce, "<= 1.10"))
+    measured["regressor_conv_seconds"] = regressor_conv_seconds((n_train + 127) // 128)
+    less_conv = epochs["regressor"]["steady_seconds"] - measured["regressor_conv_seconds"]
+    rows.append(("(b) regressor epoch less its conv / ce epoch", less_conv / ce, "<= 1.10"))
+    return measured, rows
+
+
+def precision_measures(args: argparse.Namespace, teacher: Path, kd_fp32_seconds: float) -> Measured:
+    """(e): a bf16 kd epoch against fp32's, and (unless --precision-epochs 0) what bf16 costs in accuracy."""
     bf16 = kdsearch_epochs(args.data_dir, teacher, ["kd"], args.epochs, precision="bf16")["kd"]
-    result["epochs_bf16"] = {"kd": bf16}
-    rows.append(("(e) kd bf16 epoch / kd fp32 epoch", bf16["steady_seconds"] / kd, "< 1 to be worth it"))
+    measured: dict[str, Any] = {"epochs_bf16": {"kd": bf16}}
+    rows = [("(e) kd bf16 epoch / kd fp32 epoch", bf16["steady_seconds"] / kd_fp32_seconds, "< 1 to be worth it")]
     if args.precision_epochs:
         full = {
             p: kdsearch_epochs(args.data_dir, teacher, ["kd"], args.precision_epochs, p)["kd"] for p in ("fp32", "bf16")
         }
-        result["precision_accuracy"] = {p: r["test_accuracy"] for p, r in full.items()}
+        measured["precision_accuracy"] = {p: r["test_accuracy"] for p, r in full.items()}
         rows.append(
             (
                 f"(e) kd test accuracy, bf16 - fp32 ({args.precision_epochs} ep.)",
@@ -300,26 +310,59 @@ def main() -> int:
                 "within noise (~0.5)",
             )
         )
+    return measured, rows
+
+
+def study_measures(args: argparse.Namespace, teacher: Path) -> Measured:
+    """(c) and (d): the same study with 1 and 2 workers, the storage timed in the 1-worker one only."""
+    one = study_seconds(args.data_dir, teacher, args.study_trials, 1, timed=True)
+    two = study_seconds(args.data_dir, teacher, args.study_trials, 2, timed=False)
+    rows = [
+        ("(c) study wall, 1 worker / 2 workers", one["wall_seconds"] / two["wall_seconds"], ">= 1.3"),
+        ("(d) storage seconds / trial seconds", one["storage_seconds"] / one["wall_seconds"], "< 0.01"),
+    ]
+    return {"study_1_worker": one, "study_2_workers": two}, rows
+
+
+def full_study_measures(args: argparse.Namespace, teacher: Path) -> Measured:
+    """(f): the whole study a user runs, in minutes against the issue's 30."""
+    full = full_study_seconds(args.data_dir, teacher, args.full_study_method, args.full_study_trials)
+    measure = f"(f) {args.full_study_trials}-trial 10-epoch {args.full_study_method} study, minutes"
+    return {"full_study": full}, [(measure, full["wall_seconds"] / 60, "<= 30")]
+
+
+def measurements(args: argparse.Namespace, teacher: Path, n_train: int) -> Iterator[Measured]:
+    """The phases in the order they run, the skipped ones left out."""
+    epochs, rows = epoch_measures(args, teacher, n_train)
+    yield epochs, rows
+    yield precision_measures(args, teacher, epochs["epochs"]["kd"]["steady_seconds"])
     if not args.skip_study:
-        one = study_seconds(args.data_dir, teacher, args.study_trials, 1, timed=True)
-        two = study_seconds(args.data_dir, teacher, args.study_trials, 2, timed=False)
-        result["study_1_worker"], result["study_2_workers"] = one, two
-        rows.append(("(c) study wall, 1 worker / 2 workers", one["wall_seconds"] / two["wall_seconds"], ">= 1.3"))
-        rows.append(("(d) storage seconds / trial seconds", one["storage_seconds"] / one["wall_seconds"], "< 0.01"))
+        yield study_measures(args, teacher)
     if args.full_study_trials:
-        full = full_study_seconds(args.data_dir, teacher, args.full_study_method, args.full_study_trials)
-        result["full_study"] = full
-        rows.append(
-            (
-                f"(f) {args.full_study_trials}-trial 10-epoch {args.full_study_method} study, minutes",
-                full["wall_seconds"] / 60,
-                "<= 30",
-            )
-        )
-    result["rows"] = [{"measure": m, "value": v, "target": t} for m, v, t in rows]
+        yield full_study_measures(args, teacher)
+
+
+def print_table(rows: list[Row]) -> None:
+    """Each measure beside its target."""
     print(f"{'measure':<45} {'value':>8}  target")
     for measure, value, target in rows:
         print(f"{measure:<45} {value:>8.3f}  {target}")
+
+
+def main() -> int:
+    """Every measurement, then the table and bench/results/speed.json; exit status 2 without a teacher."""
+    args = parse_args()
+    teacher, n_train = find_teacher(args.data_dir, args.teacher)
+    if not teacher.exists():
+        print(f"no teacher at {teacher}: run `make bench-tutorial` first", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {}
+    rows: list[Row] = []
+    for measured, more in measurements(args, teacher, n_train):
+        result.update(measured)
+        rows += more
+    result["rows"] = [{"measure": m, "value": v, "target": t} for m, v, t in rows]
+    print_table(rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(result, indent=2))
     return 0

@@ -136,7 +136,8 @@ def print_table(rows: list[dict[str, Any]], control: str, out_path: Path, storag
     print(f" in points; every run in {out_path}; hours of training summed over the worker processes)")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line: which studies, their size and seeds, where they and their rows live, and the modes."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
     parser.add_argument("--methods", default="ce,kd,dkd,cosine,regressor,hybrid")
@@ -160,45 +161,78 @@ def main() -> int:
         help="Rebuild every row's summary from its finished confirmation in the storage (no training; "
         "search counts and timings kept), then print the table.",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def refresh(rows: list[dict[str, Any]], args: argparse.Namespace, out_path: Path) -> None:
+    """Each row's summary rebuilt from its finished confirmation (which `confirm` resumes, so nothing trains)."""
+    for row in rows:
+        summary, _ = kdsearch(*confirm_args(row["study"], row["method"], args), "-q")
+        row.update(from_summary(summary), confirm=summary)
+    out_path.write_text(json.dumps(rows, indent=2))
+
+
+def ordered_methods(methods: str) -> list[str]:
+    """The methods asked for, the control first: the others are confirmed against it."""
+    ordered = methods.split(",")
+    if CONTROL in ordered:
+        ordered = [CONTROL, *[m for m in ordered if m != CONTROL]]
+    return ordered
+
+
+def already_done(method: str, rows: list[dict[str, Any]], redo: str) -> bool:
+    """Whether the method has its row already and --redo does not name it: an interrupted run resumes."""
+    return any(r["method"] == method for r in rows) and method not in redo.split(",")
+
+
+def study_row(method: str, args: argparse.Namespace, data: list[str]) -> dict[str, Any]:
+    """One method's study then its confirmation, as the row the table prints."""
+    name = f"{args.prefix}-{method}"
+    start = time.perf_counter()
+    search, _ = kdsearch(
+        "optimize", "--method", method, *data, "--trials", str(args.trials), "--epochs", str(args.epochs),
+        "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "-q",
+        *space_for(method, not args.no_shift),
+    )  # fmt: skip
+    summary = confirm_with_workers(args.n_jobs, [*confirm_args(name, method, args), "-q"])
+    row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
+    row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
+    row["confirm"] = summary  # every arm's validation mean and test runs
+    return row
+
+
+def save_row(out_path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Replaces the method's row in the results file; returns every row now there."""
+    # Read again before writing: a `--refresh` may have rewritten the other rows meanwhile.
+    rows = [r for r in read_rows(out_path) if r["method"] != row["method"]] + [row]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def main() -> int:
+    """--table prints, --refresh rebuilds then prints; otherwise each missing study runs, then the table."""
+    args = parse_args()
     os.environ["KDSEARCH_STORAGE"] = args.storage
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-size", str(args.val_size)]
     data += ["--device", args.device] + (["--teacher", args.teacher] if args.teacher else [])
     out_path = Path(args.results)
+    control = f"control-{args.prefix}-{CONTROL}"
     rows = read_rows(out_path)
     if args.table:
-        print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
+        print_table(rows, control, out_path, args.storage)
         return 0
     if args.refresh:
-        for row in rows:
-            summary, _ = kdsearch(*confirm_args(row["study"], row["method"], args), "-q")
-            row.update(from_summary(summary), confirm=summary)
-        out_path.write_text(json.dumps(rows, indent=2))
-        print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
+        refresh(rows, args, out_path)
+        print_table(rows, control, out_path, args.storage)
         return 0
-    methods = args.methods.split(",")
-    if CONTROL in methods:
-        methods = [CONTROL, *[m for m in methods if m != CONTROL]]
-    for method in methods:
-        if any(r["method"] == method for r in rows) and method not in args.redo.split(","):
+    for method in ordered_methods(args.methods):
+        if already_done(method, rows, args.redo):
             continue
-        name = f"{args.prefix}-{method}"
-        start = time.perf_counter()
-        search, _ = kdsearch(
-            "optimize", "--method", method, *data, "--trials", str(args.trials), "--epochs", str(args.epochs),
-            "--study-name", name, "--n-jobs", str(args.n_jobs), "--sampler-seed", "42", "--total", "-q",
-            *space_for(method, not args.no_shift),
-        )  # fmt: skip
-        summary = confirm_with_workers(args.n_jobs, [*confirm_args(name, method, args), "-q"])
-        row = confirmed_row(method, name, summary, search, time.perf_counter() - start)
-        row["augment_choices"] = ["none", "flip", "shift"] if space_for(method, not args.no_shift) else ["none", "flip"]
-        row["confirm"] = summary  # every arm's validation mean and test runs
-        # Read again before writing: a `--refresh` may have rewritten the other rows meanwhile.
-        rows = [r for r in read_rows(out_path) if r["method"] != method] + [row]
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(rows, indent=2))
+        row = study_row(method, args, data)
+        rows = save_row(out_path, row)
         print(json.dumps(row), flush=True)
-    print_table(rows, f"control-{args.prefix}-{CONTROL}", out_path, args.storage)
+    print_table(rows, control, out_path, args.storage)
     return 0
 
 
