@@ -11,7 +11,7 @@ PYTHON_FOR_GPU ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo pyt
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,postgres,mysql]'
+	$(BIN)/pip install -q -e '.[dev,postgres,mysql,timm]'
 
 test:
 	$(BIN)/python -m pytest -q tests

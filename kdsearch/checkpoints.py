@@ -2,8 +2,11 @@
 
 A kdsearch checkpoint is ``{"format", "state_dict", "metadata"}`` where metadata is a JSON string
 (dataset, normalisation, architecture, accuracies, hyperparameters). Everything in it is a tensor
-or a string, so ``torch.load(weights_only=True)`` reads it and never runs pickled code. A plain
-state_dict, as the tutorial's ``torch.save(model.state_dict(), ...)`` writes, loads too.
+or a string, so ``torch.load(weights_only=True)`` reads it and never runs pickled code. What users
+bring loads too, as weights alone: a plain state_dict (the tutorial's ``torch.save(model.state_dict(),
+...)``, a fine-tuned torchvision or timm model's ``.pt``/``.pth``), one inside a training script's
+``{"state_dict": …}``, ``{"model": …}`` or ``{"model_state_dict": …}`` (``module.`` prefixes of
+DataParallel dropped), and a ``.safetensors`` file, which holds tensors only.
 """
 
 from __future__ import annotations
@@ -40,11 +43,17 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: di
     return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
+# Where training scripts keep the weights inside a checkpoint (timm's train.py, torchvision's references).
+NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a kdsearch checkpoint or a plain state_dict, refusing anything that needs pickle code."""
+    """Read a kdsearch checkpoint, a state_dict (plain, nested or ``.safetensors``), refusing pickled code."""
     target = Path(path)
     if not target.is_file():
         raise UserError(f"checkpoint {target} does not exist")
+    if target.suffix == ".safetensors":
+        return Checkpoint(_unwrapped(_load_safetensors(target)), {})
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of files it is about to refuse: the refusal says enough.
@@ -72,8 +81,35 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             raise UserError(f"checkpoint {target} holds no state_dict of named tensors")
         return Checkpoint(dict(state_dict), metadata)
     if _is_state_dict(blob):
-        return Checkpoint(dict(blob), {})
+        return Checkpoint(_unwrapped(blob), {})
+    if isinstance(blob, dict):
+        nested = next((blob[k] for k in NESTED_STATE_KEYS if _is_state_dict(blob.get(k))), None)
+        if nested is not None:
+            return Checkpoint(_unwrapped(nested), {})
     raise UserError(f"checkpoint {target} is neither a kdsearch checkpoint nor a state_dict")
+
+
+def _load_safetensors(target: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {target} needs safetensors: pip install safetensors") from None
+    try:
+        state = load_file(target, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"cannot load checkpoint {target}: not a readable safetensors file ({reason})") from None
+    if not _is_state_dict(state):
+        raise UserError(f"checkpoint {target} holds no tensors")
+    return state
+
+
+def _unwrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state_dict with DataParallel's ``module.`` prefix dropped, when every key has it."""
+    if all(key.startswith("module.") for key in state):
+        return {key.removeprefix("module."): tensor for key, tensor in state.items()}
+    return dict(state)
 
 
 def _is_state_dict(value: object) -> bool:
@@ -84,6 +120,12 @@ def _is_state_dict(value: object) -> bool:
     )
 
 
+def _head_key(state: dict[str, Tensor]) -> str | None:
+    """The classifier's weight: the last 2-D weight of the model (``fc.weight``, ``classifier.3.weight``)."""
+    weights = [key for key, tensor in state.items() if key.endswith("weight") and tensor.dim() == 2]
+    return weights[-1] if weights else None
+
+
 def load_weights(model: nn.Module, checkpoint: Checkpoint, *, source: str, model_name: str) -> None:
     """Load weights strictly; a checkpoint of another architecture or class count is a user error."""
     expected = model.state_dict()
@@ -92,9 +134,15 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, *, source: str, model
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}")
+    head = _head_key(expected)
     for key, tensor in expected.items():
         got = checkpoint.state_dict[key]
         if tuple(got.shape) != tuple(tensor.shape):
+            if key == head and got.shape[1:] == tensor.shape[1:]:
+                raise UserError(
+                    f"checkpoint {source} does not fit model {model_name}: its head ({key}) has {got.shape[0]} "
+                    f"outputs and this dataset {tensor.shape[0]} classes; fine-tune it on these classes first"
+                )
             raise UserError(
                 f"checkpoint {source} does not fit model {model_name}: {key} has shape {tuple(got.shape)}, "
                 f"the model needs {tuple(tensor.shape)} (another architecture, width or class count?)"

@@ -40,6 +40,7 @@ from kdsearch.settings import (
     DashboardSettings,
     EvaluateSettings,
     ExportSettings,
+    LayersSettings,
     Printing,
     ReportSettings,
     StudiesSettings,
@@ -200,6 +201,28 @@ def evaluate(**values: Any) -> None:
             f"{r['params']:,} parameters",
         ],
     )
+
+
+@cli.command()
+@options(LayersSettings, DataConfig, Printing, drop=("quiet", "val_size", "limit_train"))
+def layers(**values: Any) -> None:
+    """List a model's layers with their output shapes at the dataset's image size, to pick the tapped layers."""
+    from kdsearch.distill import run_layers
+
+    settings, data = build(LayersSettings, values), build(DataConfig, values)
+    result = run_layers(settings.model, settings.width, data)
+    emit(result, build(Printing, values).json, _layer_lines)
+
+
+def _layer_lines(r: dict[str, Any]) -> list[str]:
+    size = "x".join(map(str, r["image_size"]))
+    lines = [f"{r['model']} on {r['dataset']} ({r['in_channels']}x{size} images, {r['params']:,} parameters):"]
+    name_width = max((len(layer["name"]) for layer in r["layers"]), default=4)
+    kind_width = max((len(layer["kind"]) for layer in r["layers"]), default=4)
+    for layer in r["layers"]:
+        shape = "x".join(map(str, layer["shape"])) if layer["shape"] is not None else "-"
+        lines.append(f"  {layer['name']:<{name_width}}  {layer['kind']:<{kind_width}}  {shape}")
+    return lines
 
 
 @cli.command()

@@ -92,8 +92,8 @@ class ModelsConfig(Section):
     )
     teacher_model: str | None = knob(
         None,
-        f"Teacher architecture: deepnn or package.module:Class [default: {DEFAULT_TEACHER_MODEL}, or a built-in name "
-        "the checkpoint records].",
+        f"Teacher architecture: deepnn, torchvision.models:NAME, timm:NAME or package.module:Class [default: "
+        f"{DEFAULT_TEACHER_MODEL}, or a built-in or zoo name the checkpoint records].",
         kind=str,
     )
     teacher_preset: str = knob(
@@ -102,10 +102,20 @@ class ModelsConfig(Section):
         "measured, for searches) or tutorial (the tutorial's, to reproduce its numbers).",
         choices=tuple(TEACHER_PRESETS),
     )
-    student_model: str = knob("lightnn", "lightnn, deepnn or package.module:Class.", identity=True)
+    student_model: str = knob(
+        "lightnn", "lightnn, deepnn, torchvision.models:NAME, timm:NAME or package.module:Class.", identity=True
+    )
     teacher_layer: str = knob("features", "Teacher layer tapped for features.", identity=True)
     student_layer: str = knob("features", "Student layer tapped for features.", identity=True)
     width: float = knob(1.0, "Student width multiplier.", low=0.0, low_open=True, high=16.0, identity=True)
+    student_init: str | None = knob(
+        None,
+        "Start the student from these weights (a checkpoint or state_dict: .pt, .pth, .safetensors) instead of "
+        "a random initialisation.",
+        kind=str,
+        path="file",
+        identity=True,
+    )
 
 
 @dataclass(frozen=True)

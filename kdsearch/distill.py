@@ -8,6 +8,7 @@ own config (the study's, with the trial's values).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,9 @@ from kdsearch.errors import ConfigError, UserError
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
-from kdsearch.models import build_model, count_parameters
+from kdsearch.models import build_model, check_model_name, count_parameters
 from kdsearch.strategies import get_strategy
+from kdsearch.taps import layer_shapes
 from kdsearch.teacher import ensure_default_teacher, load_teacher, model_name_for
 from kdsearch.teacher_outputs import TeacherOutputs, cached_teacher_outputs
 from kdsearch.views import FEATURE_VIEWS, views_of
@@ -62,6 +64,8 @@ def prepare(
     check_precision(config.recipe.precision, device)
     data = config.data
     splits = splits_for(data).to(device)
+    if config.models.student_init is not None:
+        build_student(config, splits)  # weights that do not fit fail now, not after a teacher has trained
     if not strategy.uses_teacher:
         return Prepared(config, device, splits)
     models = config.models
@@ -103,13 +107,19 @@ class StudentResult:
 
 
 def build_student(config: RunConfig, splits: TensorSplits) -> nn.Module:
-    return build_model(
-        config.models.student_model,
+    """The run's student, sized for the data, from ``student_init``'s weights when it names a file."""
+    models = config.models
+    student = build_model(
+        models.student_model,
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         image_size=splits.image_size,
-        width=config.models.width,
+        width=models.width,
     )
+    if models.student_init is not None:
+        weights = load_checkpoint(models.student_init)
+        load_weights(student, weights, source=models.student_init, model_name=models.student_model)
+    return student
 
 
 def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> LossShapes:
@@ -198,7 +208,9 @@ def run_training(
 ) -> dict[str, Any]:
     """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
     if out is not None:
-        refuse_overwriting_inputs({"out": out}, (config.models.teacher, config.data.data_dir))
+        refuse_overwriting_inputs(
+            {"out": out}, (config.models.teacher, config.models.student_init, config.data.data_dir)
+        )
     prepared = prepare(config, progress=progress, log=log)
     result = train_student(prepared, progress=progress)
     test = evaluate(result.model, prepared.splits.test, prepared.device)
@@ -255,4 +267,25 @@ def run_evaluation(
         "test_accuracy": evaluate(model, splits.test, torch_device),
         "val_accuracy": evaluate(model, splits.val, torch_device) if splits.val is not None else None,
         "params": count_parameters(model),
+    }
+
+
+def run_layers(model_name: str, width: float, data: DataConfig) -> dict[str, Any]:
+    """`kdsearch layers`: every tappable layer of a model built for ``data``, with its output shape."""
+    check_model_name(model_name)
+    splits = splits_for(dataclasses.replace(data, val_size=0, limit_train=None))  # any split gives the sizes
+    model = build_model(
+        model_name,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=splits.image_size,
+        width=width,
+    )
+    return {
+        "model": model_name,
+        "dataset": data.dataset,
+        "image_size": list(splits.image_size),
+        "in_channels": splits.in_channels,
+        "params": count_parameters(model),
+        "layers": [dataclasses.asdict(layer) for layer in layer_shapes(model, splits.train.images[:1])],
     }

@@ -1,4 +1,4 @@
-"""The tutorial's DeepNN teacher and LightNN student, and user models by import path.
+"""The tutorial's DeepNN teacher and LightNN student; zoo models by name; user models by import path.
 
 The classes keep the tutorial's module names (``features``, ``classifier``) and so its state_dict
 keys: a checkpoint saved by the tutorial's own code loads here unchanged. They are sized from the
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from kdsearch.errors import ConfigError, UserError
+from kdsearch.zoo import build_zoo_model, check_zoo_name, is_zoo_model
 
 
 def _flat_size(channels: int, image_size: tuple[int, int], pools: int) -> int:
@@ -107,11 +108,17 @@ REGISTERED: dict[str, type[nn.Module]] = {"deepnn": DeepNN, "lightnn": LightNN}
 
 
 def resolve_model_class(name: str) -> Callable[..., nn.Module]:
-    """A registered name (``deepnn``, ``lightnn``) or ``package.module:Class`` importable from the cwd."""
+    """A registered name (``deepnn``, ``lightnn``) or ``package.module:Class`` importable from the cwd.
+
+    Zoo names (``torchvision.models:NAME``, ``timm:NAME``) are checked and built by ``kdsearch.zoo``.
+    """
     if name in REGISTERED:
         return REGISTERED[name]
     if ":" not in name:
-        raise UserError(f"unknown model {name!r}; use one of {', '.join(REGISTERED)} or package.module:Class")
+        raise UserError(
+            f"unknown model {name!r}; use one of {', '.join(REGISTERED)}, torchvision.models:NAME, timm:NAME "
+            "or package.module:Class"
+        )
     module_name, _, attr = name.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -125,27 +132,53 @@ def resolve_model_class(name: str) -> Callable[..., nn.Module]:
     return cls
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model that cannot be built (unknown, not importable, a zoo not installed) before any work."""
+    if is_zoo_model(name):
+        check_zoo_name(name)
+    else:
+        resolve_model_class(name)
+
+
 def build_model(
     name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int], width: float = 1.0
 ) -> nn.Module:
-    """Instantiate a model, passing only the sizing arguments its constructor accepts."""
+    """Instantiate a model sized for the dataset.
+
+    A zoo model gets the class and channel counts its zoo's way; a class or builder of the user's
+    gets the sizing arguments its signature names (``num_classes``, ``in_channels``,
+    ``image_size``, ``width``), and one that only takes ``**kwargs`` gets ``num_classes``, the one
+    every classifier understands.
+    """
+    if is_zoo_model(name):
+        if width != 1.0:
+            raise ConfigError("width", f"must stay 1: zoo model {name!r} has no width multiplier")
+        model = build_zoo_model(name, num_classes=num_classes, in_channels=in_channels)
+    else:
+        model = _build_user_model(name, num_classes, in_channels, image_size, width)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name!r} did not build a torch.nn.Module")
+    return model
+
+
+def _build_user_model(
+    name: str, num_classes: int, in_channels: int, image_size: tuple[int, int], width: float
+) -> nn.Module:
     cls = resolve_model_class(name)
     offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, "width": width}
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         params = {}
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if takes_kwargs or k in params}
-    if width != 1.0 and "width" not in kwargs:
+    named = {k: v for k, v in offered.items() if k in params}
+    if not named and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        named = {"num_classes": num_classes}
+    if width != 1.0 and "width" not in named:
         raise ConfigError("width", f"must stay 1: model {name!r} takes no width argument")
     try:
-        model = cls(**kwargs)
+        return cls(**named)
     except TypeError as exc:
         raise UserError(f"cannot build model {name!r}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"{name!r} did not build a torch.nn.Module")
-    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -104,6 +104,14 @@ class EvaluateSettings(Section):
 
 
 @dataclass(frozen=True)
+class LayersSettings(Section):
+    """`kdsearch layers`: the model whose tappable layers are listed, built for the dataset."""
+
+    model: str = same(ModelsConfig, "student_model", default=None, optional=False, help="The model to list.")
+    width: float = same(ModelsConfig, "width")
+
+
+@dataclass(frozen=True)
 class ConfirmSettings(Section):
     """`kdsearch confirm`: which study, how many of its best configs, how many seeds, against what."""
 

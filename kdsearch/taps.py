@@ -7,6 +7,10 @@ path works for any ``nn.Module`` and leaves the state_dict keys alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -61,3 +65,34 @@ class FeatureTap:
             raise UserError(f"layer {self.layer!r} did not run during the forward pass")
         out, self.output = self.output, None
         return out
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One tappable layer: its dotted name (what ``teacher_layer``/``student_layer`` take), type, output shape."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None  # per sample; None when the layer's output is not one tensor or it did not run
+
+
+@torch.inference_mode()
+def layer_shapes(model: nn.Module, sample: Tensor) -> list[LayerShape]:
+    """Every named layer of ``model`` with its per-sample output shape for ``sample`` (one batch row)."""
+    model.eval()
+    outputs: dict[str, tuple[int, ...] | None] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            outputs.setdefault(name, tuple(output.shape[1:]) if isinstance(output, Tensor) else None)
+
+        return hook
+
+    named = [(name, module) for name, module in model.named_modules() if name]
+    handles = [module.register_forward_hook(record(name)) for name, module in named]
+    try:
+        model(sample[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerShape(name, type(module).__name__, outputs.get(name)) for name, module in named]

@@ -27,11 +27,12 @@ from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
-from kdsearch.models import REGISTERED, build_model, count_parameters, resolve_model_class
+from kdsearch.models import REGISTERED, build_model, check_model_name, count_parameters
 from kdsearch.paths import home_dir
 from kdsearch.settings import TeacherConfig
 from kdsearch.strategies import get_strategy
 from kdsearch.weighted_sum import build_loss
+from kdsearch.zoo import is_zoo_model
 
 TUTORIAL_TEACHER = DEFAULT_TEACHER_MODEL  # the name bench/ knows the tutorial's teacher by
 
@@ -108,7 +109,7 @@ def train_teacher(
 
 def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = False) -> dict[str, Any]:
     """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
-    resolve_model_class(config.model)
+    check_model_name(config.model)
     with about("out"):
         refuse_overwriting_inputs({"out": out}, (config.data.data_dir,))
     device = resolve_device(config.device)
@@ -127,10 +128,11 @@ def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = Fals
 def model_name_for(
     checkpoint_meta: dict[str, Any], given: str | None, source: str, fallback: str | None, field: str = "model"
 ) -> str:
-    """The architecture to build for a checkpoint: the user's name (``field``), else a built-in one it records.
+    """The architecture to build for a checkpoint: the user's name (``field``), else a built-in or zoo one it records.
 
     A checkpoint never names code to run: a ``package.module:Class`` recorded in its metadata is
-    not imported; the user must name it (``field``: ``model`` or ``teacher_model``) to run it.
+    not imported; the user must name it (``field``: ``model`` or ``teacher_model``) to run it. A
+    recorded zoo name (``timm:resnet18``) builds library code the user installed, so it is used.
     """
     if given is not None:
         return given
@@ -141,7 +143,7 @@ def model_name_for(
                 field, f"must be given: checkpoint {source} names no model (deepnn, lightnn or pkg.mod:Class)"
             )
         return fallback
-    if not isinstance(recorded, str) or recorded not in REGISTERED:
+    if not isinstance(recorded, str) or not (recorded in REGISTERED or is_zoo_model(recorded)):
         raise ConfigError(
             field,
             f"must be given: checkpoint {source} was saved from model {str(recorded)[:80]!r}, which is not built in, "
@@ -195,18 +197,27 @@ def ensure_default_teacher(
 
     It holds out the same ``val_size`` validation rows as the run (the split is one seeded
     permutation), so a search never validates on images whose labels its teacher learnt. It trains
-    on every other train row, whatever ``limit_train`` says, so one teacher serves all.
+    on every other train row, so one teacher serves all runs on the split; only a quick run
+    (``limit_train``) that finds no such teacher trains one on its own rows, named for them so it
+    never stands in for a full one.
     """
     name = model or DEFAULT_TEACHER_MODEL
     recipe = preset_recipe(preset)
     path = default_teacher_path(splits, name, recipe, data.val_size)
+    if path.exists():
+        return path
+    if data.limit_train is not None:
+        path = default_teacher_path(splits, name, recipe, data.val_size, data.limit_train)
+        rows = splits
+    else:
+        rows = splits_for(data, limit_train=False)
     if not path.exists():
         if log is not None:
             log(
-                f"no {preset} teacher for this dataset and validation split yet: training one "
-                f"({recipe.epochs} epochs; on a CPU this takes a while, once): {path}"
+                f"no {preset} teacher for this dataset and validation split yet: training one, once, on "
+                f"{len(rows.train):,} images for {recipe.epochs} epochs (the bar shows the time left; "
+                f"{{teacher}} uses another): {path}"
             )
-        held_out = splits_for(data, limit_train=False)
-        settings = {"val_size": data.val_size, "limit_train": None}
-        train_teacher(held_out.to(device), name, recipe, device, path, progress=progress, data_settings=settings)
+        settings = {"val_size": data.val_size, "limit_train": data.limit_train}
+        train_teacher(rows.to(device), name, recipe, device, path, progress=progress, data_settings=settings)
     return path
