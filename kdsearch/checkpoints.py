@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, warn_once
 from kdsearch.fsutil import atomic_write
 
 FORMAT = "kdsearch-checkpoint/1"
@@ -126,25 +126,41 @@ def _head_key(state: dict[str, Tensor]) -> str | None:
     return weights[-1] if weights else None
 
 
-def load_weights(model: nn.Module, checkpoint: Checkpoint, *, source: str, model_name: str) -> None:
-    """Load weights strictly; a checkpoint of another architecture or class count is a user error."""
+def load_weights(
+    model: nn.Module, checkpoint: Checkpoint, *, source: str, model_name: str, new_head: bool = False
+) -> None:
+    """Load weights strictly; a checkpoint of another architecture or class count is a user error.
+
+    With ``new_head`` a head trained for another class count (a pretrained ImageNet model) is left
+    out and the model keeps its freshly initialised one, with one warning line: how a pretrained
+    student starts on a new dataset.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in checkpoint.state_dict]
-    unexpected = [k for k in checkpoint.state_dict if k not in expected]
+    state = dict(checkpoint.state_dict)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}")
     head = _head_key(expected)
     for key, tensor in expected.items():
-        got = checkpoint.state_dict[key]
-        if tuple(got.shape) != tuple(tensor.shape):
-            if key == head and got.shape[1:] == tensor.shape[1:]:
-                raise UserError(
-                    f"checkpoint {source} does not fit model {model_name}: its head ({key}) has {got.shape[0]} "
-                    f"outputs and this dataset {tensor.shape[0]} classes; fine-tune it on these classes first"
-                )
+        got = state[key]
+        if tuple(got.shape) == tuple(tensor.shape):
+            continue
+        if key == head and got.shape[1:] == tensor.shape[1:]:
+            if new_head:
+                warn_once(f"{source}: its head ({key}) has {got.shape[0]} outputs; a new one learns {tensor.shape[0]}")
+                bias = key.removesuffix("weight") + "bias"
+                state[key] = tensor
+                if bias in state:
+                    state[bias] = expected[bias]
+                continue
             raise UserError(
-                f"checkpoint {source} does not fit model {model_name}: {key} has shape {tuple(got.shape)}, "
-                f"the model needs {tuple(tensor.shape)} (another architecture, width or class count?)"
+                f"checkpoint {source} does not fit model {model_name}: its head ({key}) has {got.shape[0]} "
+                f"outputs and this dataset {tensor.shape[0]} classes; fine-tune it on these classes first"
             )
-    model.load_state_dict(checkpoint.state_dict, strict=True)
+        raise UserError(
+            f"checkpoint {source} does not fit model {model_name}: {key} has shape {tuple(got.shape)}, "
+            f"the model needs {tuple(tensor.shape)} (another architecture, width or class count?)"
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,26 +1,30 @@
-"""Datasets as in-memory tensors: decode once, keep the decode, split deterministically.
+"""Datasets as uint8 tensors: decode once, keep the decode, split deterministically, normalise per batch.
 
 A search trains hundreds of small students on the same images, so the images are decoded once
-into uint8 tensors (cached on disk so the next process loads them in about a second), normalised
-once into float32, and batched by index, as airbench does. No DataLoader, no per-sample PIL.
+into uint8 tensors, cached on disk and memory-mapped from there (worker processes share the
+pages, and resident memory does not grow with the dataset), and batched by index, as airbench
+does: a batch's rows are gathered as uint8 and normalised to float32 on the device. No
+DataLoader, no per-sample PIL. Normalising is elementwise, so a batch normalised alone holds the
+same floats as the whole split normalised at once: results do not depend on when it happens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from kdsearch.decode import DecodedDataset, decode_dataset
+from kdsearch.errors import ConfigError
 from kdsearch.paths import cache_dir
 
 if TYPE_CHECKING:
     from kdsearch.config import DataConfig
-from kdsearch.errors import ConfigError
 
 # The tutorial normalises every 3-channel image with ImageNet's statistics; we keep that so a
 # tutorial checkpoint sees the inputs it was trained on.
@@ -34,25 +38,62 @@ SPLIT_SEED = 0
 
 @dataclass
 class Split:
-    """One split, normalised: ``images`` float32 (N, C, H, W), ``labels`` int64 (N,).
+    """One split: rows ``rows`` of the decoded uint8 ``pixels`` (N, C, H, W), their labels, the normalisation.
 
-    ``source_index`` holds each row's position in the dataset's original train (or test) set,
-    so teacher outputs and validation membership can be traced back to real files.
+    ``pixels`` is the whole decoded set, shared by the splits cut from it (memory-mapped from the
+    decode cache on the CPU), so a split costs its index, not a copy of its images. ``source_index``
+    holds each row's position in the dataset's original train (or test) set, so teacher outputs
+    and validation membership can be traced back to real files; on the CPU it is ``rows`` itself.
     """
 
-    images: Tensor
+    pixels: Tensor
     labels: Tensor
     source_index: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rows: Tensor | None = None  # positions in ``pixels``, on its device [default: ``source_index``]
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = self.source_index
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        channels, height, width = self.pixels.shape[1:]
+        return int(channels), int(height), int(width)
+
+    def batch(self, index: Tensor) -> Tensor:
+        """Rows ``index`` (positions in this split) as normalised float32 (B, C, H, W), on the split's device."""
+        assert self.rows is not None
+        return normalise(self.pixels[self.rows[index]], self.mean, self.std)
+
+    def chunks(self, size: int) -> Iterator[Tensor]:
+        """Every row in order, normalised, ``size`` rows at a time (evaluation, the teacher's one pass)."""
+        for begin in range(0, len(self), size):
+            yield self.batch(torch.arange(begin, min(begin + size, len(self)), device=self.labels.device))
+
+    def head(self, count: int = 1) -> Tensor:
+        """The first ``count`` rows, normalised: a sample for shape probes."""
+        return self.batch(torch.arange(min(count, len(self)), device=self.labels.device))
+
+    @property
+    def images(self) -> Tensor:
+        """Every row normalised at once: float32, 4x the uint8 pixels; for small splits and tests."""
+        return self.batch(torch.arange(len(self), device=self.labels.device))
+
     def to(self, device: torch.device) -> Split:
-        """Move the split onto ``device`` once, so batches never cross the bus again."""
-        images = self.images.to(device)
-        if device.type == "cpu":
-            images = images.contiguous(memory_format=torch.channels_last)
-        return Split(images, self.labels.to(device), self.source_index)
+        """The split on ``device``: on a GPU its rows' pixels are copied there once (as uint8), so batches
+        never cross the bus again; on the CPU it stays where it is (memory-mapped)."""
+        if device == self.pixels.device:
+            return self
+        assert self.rows is not None
+        pixels = self.pixels[self.rows.to(self.pixels.device)].to(device)
+        rows = torch.arange(len(self), device=device)
+        return replace(self, pixels=pixels, labels=self.labels.to(device), rows=rows)
 
 
 @dataclass
@@ -74,11 +115,11 @@ class TensorSplits:
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return self.train.shape[0]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        return self.train.shape[1], self.train.shape[2]
 
     def train_index_digest(self) -> str:
         """Hash of the train rows' source indices: part of the teacher-output cache key."""
@@ -132,7 +173,7 @@ def load_splits(
 
 
 def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """uint8 (N, C, H, W) → float32 ``(x/255 - mean)/std``, once per split rather than per batch.
+    """uint8 (N, C, H, W) → float32 ``(x/255 - mean)/std``, elementwise (the same floats for any batch).
 
     Written as a plain cast then an in-place multiply-add: mixed uint8*float kernels are ~4x slower.
     """
@@ -143,11 +184,9 @@ def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
 
 
 def _make_split(
-    images: Tensor, labels: Tensor, index: Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+    pixels: Tensor, labels: Tensor, index: Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Split:
-    if len(index) == len(labels) and bool((index == torch.arange(len(labels))).all()):
-        return Split(normalise(images, mean, std), labels.clone(), index)  # whole set: no gather
-    return Split(normalise(images[index], mean, std), labels[index].clone(), index)
+    return Split(pixels, labels[index].clone(), index, mean, std)
 
 
 def _normalisation(decoded: DecodedDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

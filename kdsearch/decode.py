@@ -274,8 +274,8 @@ CACHED_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def _read_decode_cache(path: Path, listing: str) -> DecodedDataset | None:
-    """The cached decode of this listing, verified against the hash stored with it (None: decode again)."""
-    blob = load_verified(path, {"format": CACHE_FORMAT, "listing": listing}, CACHED_TENSORS, "decoded-image")
+    """The cached decode of this listing, memory-mapped and verified against its stored hash (None: decode again)."""
+    blob = load_verified(path, {"format": CACHE_FORMAT, "listing": listing}, CACHED_TENSORS, "decoded-image", mmap=True)
     if blob is None:
         return None
     tensors = [blob[name] for name in CACHED_TENSORS]
@@ -309,4 +309,6 @@ def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) ->
     if cache_path is not None:
         tensors = dict(zip(CACHED_TENSORS, (train_images, train_labels, test_images, test_labels), strict=True))
         save_verified(cache_path, {"format": CACHE_FORMAT, "listing": listing, "classes": classes}, tensors)
+        # Read back memory-mapped: the pixels then live in the page cache, not in this process's memory.
+        return _read_decode_cache(cache_path, listing) or decoded
     return decoded

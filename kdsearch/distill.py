@@ -118,7 +118,7 @@ def build_student(config: RunConfig, splits: TensorSplits) -> nn.Module:
     )
     if models.student_init is not None:
         weights = load_checkpoint(models.student_init)
-        load_weights(student, weights, source=models.student_init, model_name=models.student_model)
+        load_weights(student, weights, source=models.student_init, model_name=models.student_model, new_head=True)
     return student
 
 
@@ -127,7 +127,7 @@ def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> Lo
     if not get_strategy(config.method).uses_features:
         return LossShapes()
     assert prepared.teacher is not None and prepared.teacher.features is not None
-    student_shape = feature_shape(student, config.models.student_layer, prepared.splits.train.images, prepared.device)
+    student_shape = feature_shape(student, config.models.student_layer, prepared.splits.train.head(), prepared.device)
     return LossShapes(student_shape, tuple(prepared.teacher.features[0].shape[1:]))
 
 
@@ -287,5 +287,5 @@ def run_layers(model_name: str, width: float, data: DataConfig) -> dict[str, Any
         "image_size": list(splits.image_size),
         "in_channels": splits.in_channels,
         "params": count_parameters(model),
-        "layers": [dataclasses.asdict(layer) for layer in layer_shapes(model, splits.train.images[:1])],
+        "layers": [dataclasses.asdict(layer) for layer in layer_shapes(model, splits.train.head())],
     }

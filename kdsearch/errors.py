@@ -89,6 +89,16 @@ class DivergedError(RunFailedError):
         self.value = value
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """``warn``, once per process: for what every trial of a search would otherwise repeat."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn(message)
+
+
 def warn(message: str) -> None:
     """One line on stderr for something the user should know that does not stop the run."""
     import sys

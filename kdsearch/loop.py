@@ -147,7 +147,7 @@ class Training:
 
     def inputs(self, batch: Batch) -> LossInputs:
         """The student's forward pass on the batch's views, and what the loss compares it with."""
-        images = apply_views(self.train.images[batch.index], self.views, batch.view)
+        images = apply_views(self.train.batch(batch.index), self.views, batch.view)
         with autocast(self.recipe.precision, self.device):
             logits = self.model(as_input(images, self.device))
             features = self.tap.take() if self.tap is not None else None
@@ -255,16 +255,18 @@ def _progress(enabled: bool, total: int) -> AbstractContextManager[Any]:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: Tensor, device: torch.device, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
-    """Logits for ``images`` in large inference batches, the model left in eval mode."""
+def predict(
+    model: nn.Module, images: Tensor | Split, device: torch.device, batch_size: int = EVAL_BATCH_SIZE
+) -> Tensor:
+    """Logits for ``images`` (a tensor of normalised images, or a split) in large inference batches, model in eval."""
     model.eval()
-    outputs = [model(as_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)]
-    return torch.cat(outputs)
+    chunks = images.chunks(batch_size) if isinstance(images, Split) else images.split(batch_size)
+    return torch.cat([model(as_input(chunk, device)) for chunk in chunks])
 
 
 def evaluate(model: nn.Module, split: Split, device: torch.device) -> float:
     """Top-1 accuracy in percent."""
-    predictions = predict(model, split.images, device).argmax(dim=1)
+    predictions = predict(model, split, device).argmax(dim=1)
     return 100.0 * int((predictions == split.labels).sum()) / len(split)
 
 

@@ -124,7 +124,7 @@ class Objective:
 def latency_ms(model: nn.Module, prepared: Prepared) -> float:
     """Median milliseconds for one image (batch of 1) on the running device, after a warm-up."""
     split = prepared.splits.val if prepared.splits.val is not None else prepared.splits.train
-    sample = split.images[:1]
+    sample = split.head()
     cuda = prepared.device.type == "cuda"
     times = []
     for i in range(LATENCY_WARMUP + LATENCY_REPEATS):

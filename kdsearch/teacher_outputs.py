@@ -21,6 +21,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
+from kdsearch.data import Split
 from kdsearch.fsutil import load_verified, save_verified
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
@@ -86,22 +87,22 @@ def as_input(images: Tensor, device: torch.device) -> Tensor:
 @torch.inference_mode()
 def compute_teacher_outputs(
     teacher: nn.Module,
-    images: Tensor,
+    images: Tensor | Split,
     layer: str | None,
     device: torch.device,
     batch_size: int = 512,
     *,
     view: View = IDENTITY,
 ) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images`` in ``view``."""
+    """Run the frozen teacher once over ``images`` (normalised images, or a split) in ``view``."""
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
+    chunks = images.chunks(batch_size) if isinstance(images, Split) else images.split(batch_size)
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
-        for i in range(0, len(images), batch_size):
-            batch = view.apply(images[i : i + batch_size])
-            logits.append(teacher(as_input(batch, device)).float().cpu())
+        for chunk in chunks:
+            logits.append(teacher(as_input(view.apply(chunk), device)).float().cpu())
             if tap is not None:
                 features.append(tap.take().float().contiguous().cpu())
     return TeacherOutputs((view,), (torch.cat(logits),), (torch.cat(features),) if features else None, layer)
@@ -177,6 +178,6 @@ def _view_outputs(
         if blob is not None and blob["logits"].shape[0] == rows and (layer is None or features is not None):
             cached = TeacherOutputs((view,), (blob["logits"],), (features,) if features is not None else None, layer)
             return cached, False
-        outputs = compute_teacher_outputs(teacher, splits.train.images, layer, device, view=view)
+        outputs = compute_teacher_outputs(teacher, splits.train, layer, device, view=view)
         save_verified(path, header, {"logits": outputs.logits[0], "features": outputs.features[0] if layer else None})
         return outputs, True

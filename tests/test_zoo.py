@@ -171,3 +171,19 @@ def test_a_quick_run_trains_a_teacher_on_its_own_rows_named_for_them(
     assert load_checkpoint(teacher).metadata["train_images"] == 60
     assert json.loads(run_cli([*run, "--limit-train", "60", "--epochs", "1", "--teacher-preset", "tutorial",
                                "--json", "-q"], capsys)[1])["teacher"] == str(teacher)  # fmt: skip
+
+
+def test_a_pretrained_student_with_another_head_keeps_its_body_and_learns_a_new_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    imagenet = zoo(f"{TV}mobilenet_v3_small", num_classes=1000)
+    torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
+    student = zoo(f"{TV}mobilenet_v3_small")
+    fresh_head = student.classifier[3].weight.detach().clone()  # type: ignore[index]
+    checkpoint = load_checkpoint(tmp_path / "imagenet.pth")
+    for _ in range(2):
+        load_weights(student, checkpoint, source="imagenet.pth", model_name="m", new_head=True)
+    assert torch.equal(student.features[0][0].weight, imagenet.features[0][0].weight)  # type: ignore[index]
+    assert torch.equal(student.classifier[3].weight, fresh_head)  # type: ignore[index]
+    assert capsys.readouterr().err.count("has 1000 outputs; a new one learns 10") == 1  # once per process
