@@ -21,6 +21,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from kdsearch.errors import ConfigError, UserError, plain
+from kdsearch.images import image_size_problem
 from kdsearch.knobs import Knob, Section, knob, knobs_of
 from kdsearch.strategies import METHODS
 
@@ -78,6 +79,19 @@ class DataConfig(Section):
     )
     val_size: int = knob(5000, "Train images held out for validation (fixed split; 0 = none).", low=0, identity=True)
     limit_train: int | None = knob(None, "Keep only N training images (quick runs).", kind=int, low=1, identity=True)
+    image_size: str | None = knob(
+        None,
+        "S or HxW: scale each image to cover it, aspect kept, and centre-crop it there (once, at decode; a folder "
+        "of mixed sizes needs it) [default: the images' own size].",
+        kind=str,
+        check=image_size_problem,
+        identity=True,
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
+            object.__setattr__(self, "image_size", str(self.image_size))  # a file may say image_size: 48
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kdsearch.decode import DecodedDataset, decode_dataset
 from kdsearch.errors import ConfigError
+from kdsearch.images import parse_image_size
 from kdsearch.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ def load_splits(
     val_size: int = 5000,
     limit_train: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> TensorSplits:
     """Load ``dataset`` and return normalised train / validation / test splits.
 
@@ -153,7 +155,7 @@ def load_splits(
     and seeds; 0 disables validation). ``limit_train`` keeps the first N of the remaining train
     images, for quick runs. The test split is untouched and never used to choose anything.
     """
-    decoded = decode_dataset(dataset, data_dir, cache_dir=cache_dir)
+    decoded = decode_dataset(dataset, data_dir, cache_dir=cache_dir, image_size=image_size)
     n_train = int(decoded.train_labels.shape[0])
     if val_size >= n_train:
         raise ConfigError("val_size", f"must be below the {n_train} images of the train set, got {val_size}")
@@ -212,4 +214,5 @@ def splits_for(data: DataConfig, *, limit_train: bool = True) -> TensorSplits:
         val_size=data.val_size,
         limit_train=data.limit_train if limit_train else None,
         cache_dir=cache_dir(),
+        image_size=parse_image_size(data.image_size) if data.image_size is not None else None,
     )

@@ -22,6 +22,7 @@ from torch import Tensor
 from kdsearch.config import DATASETS
 from kdsearch.errors import ConfigError, UserError
 from kdsearch.fsutil import load_verified, save_verified, tensor_sha256
+from kdsearch.images import fit, fit_all, folder_is_gray
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -44,9 +45,13 @@ class DecodedDataset:
 
 
 def decode_dataset(
-    dataset: str, data_dir: str | os.PathLike[str] | None, *, cache_dir: str | os.PathLike[str] | None = None
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> DecodedDataset:
-    """Decode ``dataset`` into uint8 tensors, from the decoded cache when it is still current."""
+    """Decode ``dataset`` into uint8 tensors, each fitted to ``image_size`` if given; from the cache when current."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "imagefolder":
@@ -54,11 +59,17 @@ def decode_dataset(
             raise ConfigError(
                 "data_dir", "must be given for dataset imagefolder (a folder with train/<class>/, test/<class>/)"
             )
-        return _decode_imagefolder(Path(data_dir), cache_dir)
+        return _decode_imagefolder(Path(data_dir), cache_dir, image_size)
     root = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
-    if dataset == "fashion-mnist":
-        return _decode_fashion_mnist(root)
-    return _decode_cifar(dataset, root)
+    decoded = _decode_fashion_mnist(root) if dataset == "fashion-mnist" else _decode_cifar(dataset, root)
+    return _fitted(decoded, image_size) if image_size is not None else decoded
+
+
+def _fitted(decoded: DecodedDataset, size: tuple[int, int]) -> DecodedDataset:
+    """A torchvision-format dataset (one size throughout) fitted to ``size``, its fingerprint that of the result."""
+    train, test = fit(decoded.train_images, size), fit(decoded.test_images, size)
+    fingerprint = _content_fingerprint(train, decoded.train_labels, test, decoded.test_labels)
+    return DecodedDataset(train, decoded.train_labels, test, decoded.test_labels, decoded.classes, fingerprint)
 
 
 def _content_fingerprint(*tensors: Tensor) -> str:
@@ -198,16 +209,31 @@ def _imagefolder_fingerprint(files: list[tuple[str, int, int, int]], root: Path)
     return digest.hexdigest()[:16]
 
 
-def _decode_files(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
-    """Decode with torchvision's native decoders (JPEGs in one batched call: ~4x PIL's speed).
+def _decode_files(
+    files: list[tuple[str, int, int, int]], gray: bool, image_size: tuple[int, int] | None
+) -> tuple[Tensor, Tensor]:
+    """Decode with torchvision's native decoders (JPEGs in one batched call: ~4x PIL's speed), PIL for the rest.
 
-    The first image decides grayscale or RGB; every image must share its size.
+    Every image is decoded as grayscale when ``gray`` (the whole folder is single-channel), else as
+    RGB; then fitted to ``image_size``, or, without one, required to share one size.
     """
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates torchvision.io in favour of torchcodec; it is still the fastest
         # JPEG path for torch<=2.14 here, and the decoded cache means it runs once per dataset.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_files_quietly(files)
+        decoded = _decode_files_quietly(files, gray)
+    labels = torch.tensor([label for _, label, *_ in files], dtype=torch.int64)
+    if image_size is not None:
+        return fit_all(decoded, image_size), labels
+    size = decoded[0].shape[1:]
+    for (path, *_), image in zip(files, decoded, strict=True):
+        if image.shape[1:] != size:
+            raise ConfigError(
+                "image_size",
+                f"must be given: images differ in size ({path} is {image.shape[2]}x{image.shape[1]}, earlier ones "
+                f"{size[1]}x{size[0]}); with it each image is resized and centre-cropped to it",
+            )
+    return torch.stack(decoded), labels
 
 
 def _read(path: str) -> Tensor:
@@ -230,21 +256,21 @@ def _eight_bit(image: Tensor | None) -> Tensor:
     return (image.to(torch.float64) * (255.0 / top)).round().to(torch.uint8)
 
 
-def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor]:
+# What torchvision decodes natively; everything else (BMP, TIFF, PPM/PGM, GIF's first frame) goes through PIL.
+NATIVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def _decode_files_quietly(files: list[tuple[str, int, int, int]], gray: bool) -> list[Tensor]:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     def fail(path: str, exc: Exception) -> UserError:
         return UserError(f"cannot decode image {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
 
-    raw = [_read(path) for path, *_ in files]
-    try:
-        first = decode_image(raw[0], mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as exc:
-        raise fail(files[0][0], exc) from None
-    mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
-    is_jpeg = [os.path.splitext(path)[1].lower() in (".jpg", ".jpeg") for path, *_ in files]
+    mode = ImageReadMode.GRAY if gray else ImageReadMode.RGB
+    suffixes = [os.path.splitext(path)[1].lower() for path, *_ in files]
+    raw = {i: _read(path) for i, (path, *_) in enumerate(files) if suffixes[i] in NATIVE_SUFFIXES}
     decoded: list[Tensor | None] = [None] * len(files)
-    jpeg_positions = [i for i, flag in enumerate(is_jpeg) if flag]
+    jpeg_positions = [i for i, suffix in enumerate(suffixes) if suffix in (".jpg", ".jpeg")]
     if jpeg_positions:
         try:
             for i, image in zip(jpeg_positions, decode_jpeg([raw[i] for i in jpeg_positions], mode=mode), strict=True):
@@ -252,21 +278,30 @@ def _decode_files_quietly(files: list[tuple[str, int, int, int]]) -> tuple[Tenso
         except RuntimeError:
             pass  # one bad file fails the batch; the per-file pass below names it
     for i, image in enumerate(decoded):
-        if image is None:
-            try:
-                decoded[i] = decode_image(raw[i], mode=mode)
-            except RuntimeError as exc:
-                raise fail(files[i][0], exc) from None
-    decoded = [_eight_bit(image) for image in decoded]
-    size = decoded[0].shape[1:]
-    for (path, *_), image in zip(files, decoded, strict=True):
-        if image.shape[1:] != size:
-            raise UserError(
-                f"images differ in size: {path} is {image.shape[2]}x{image.shape[1]}, "
-                f"earlier ones are {size[1]}x{size[0]}; resize the folder to one size first"
-            )
-    labels = torch.tensor([label for _, label, *_ in files], dtype=torch.int64)
-    return torch.stack(decoded), labels
+        if image is not None:
+            continue
+        path = files[i][0]
+        try:
+            decoded[i] = decode_image(raw[i], mode=mode) if i in raw else _decode_with_pil(path, gray)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise fail(path, exc) from None
+    return [_eight_bit(image) for image in decoded]
+
+
+def _decode_with_pil(path: str, gray: bool) -> Tensor:
+    """A format torchvision does not decode, through PIL: the first frame, converted to L or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise UserError(f"cannot decode image {path}: the file is empty")
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            array = np.asarray(image.convert("L" if gray else "RGB"))
+    except UnidentifiedImageError as exc:
+        raise OSError(str(exc)) from None
+    pixels = torch.from_numpy(array.copy())
+    return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1).contiguous()
 
 
 CACHE_FORMAT = "kdsearch-decoded/2"  # /2: hashed by kdsearch.fsutil
@@ -282,27 +317,34 @@ def _read_decode_cache(path: Path, listing: str) -> DecodedDataset | None:
     return DecodedDataset(*tensors, list(blob["classes"]), _content_fingerprint(*tensors))
 
 
-def _decode_imagefolder(root: Path, cache_dir: str | os.PathLike[str] | None) -> DecodedDataset:
+def _decode_imagefolder(
+    root: Path, cache_dir: str | os.PathLike[str] | None, image_size: tuple[int, int] | None
+) -> DecodedDataset:
     if not root.is_dir():
         raise UserError(f"data dir {root} does not exist")
     classes, train_files = _list_imagefolder(root / "train")
     test_classes, test_files = _list_imagefolder(root / "test")
     if test_classes != classes:
         raise UserError(f"{root}/test has classes {test_classes}, but {root}/train has {classes}")
-    # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy; the
-    # dataset's identity is the hash of the decoded pixels, equal for every copy on every host, so
-    # workers on several machines agree on the study and the teacher.
+    # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy and the size
+    # asked for; the dataset's identity is the hash of the decoded pixels, equal for every copy on
+    # every host, so workers on several machines agree on the study and the teacher.
     listing = _imagefolder_fingerprint(train_files + test_files, root)
+    if image_size is not None:
+        listing += f"-{image_size[0]}x{image_size[1]}"
     cache_path = Path(cache_dir) / "data" / f"imagefolder-{listing}.pt" if cache_dir is not None else None
     if cache_path is not None:
         cached = _read_decode_cache(cache_path, listing)
         if cached is not None:
             return cached
-    train_images, train_labels = _decode_files(train_files)
-    test_images, test_labels = _decode_files(test_files)
+    gray = folder_is_gray([path for path, *_ in train_files + test_files])
+    train_images, train_labels = _decode_files(train_files, gray, image_size)
+    test_images, test_labels = _decode_files(test_files, gray, image_size)
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise UserError(
-            f"train images are {tuple(train_images.shape[1:])} but test images {tuple(test_images.shape[1:])}"
+        raise ConfigError(
+            "image_size",
+            f"must be given: train images are {tuple(train_images.shape[2:])} but test images "
+            f"{tuple(test_images.shape[2:])}",
         )
     fingerprint = _content_fingerprint(train_images, train_labels, test_images, test_labels)
     decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
