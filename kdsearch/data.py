@@ -53,10 +53,13 @@ class Split:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     rows: Tensor | None = None  # positions in ``pixels``, on its device [default: ``source_index``]
+    population: int = 0  # rows of the original set ``source_index`` points into [default: len(pixels)]
 
     def __post_init__(self) -> None:
         if self.rows is None:
             self.rows = self.source_index
+        if not self.population:
+            self.population = int(self.pixels.shape[0])
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -73,9 +76,16 @@ class Split:
         return normalise(self.pixels[self.rows[index]], self.mean, self.std)
 
     def chunks(self, size: int) -> Iterator[Tensor]:
-        """Every row in order, normalised, ``size`` rows at a time (evaluation, the teacher's one pass)."""
+        """Every row in order, normalised, ``size`` rows at a time (evaluation)."""
+        for images, _ in self.chunks_with_rows(size):
+            yield images
+
+    def chunks_with_rows(self, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every row in order, normalised, with its ``source_index`` (on the device): the teacher's one pass."""
+        sources = self.source_index.to(self.labels.device)
         for begin in range(0, len(self), size):
-            yield self.batch(torch.arange(begin, min(begin + size, len(self)), device=self.labels.device))
+            index = torch.arange(begin, min(begin + size, len(self)), device=self.labels.device)
+            yield self.batch(index), sources[index]
 
     def head(self, count: int = 1) -> Tensor:
         """The first ``count`` rows, normalised: a sample for shape probes."""

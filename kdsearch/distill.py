@@ -82,12 +82,12 @@ def prepare(
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
     has_layer = models.teacher_layer in dict(teacher.model.named_modules())
     layer = models.teacher_layer if strategy.uses_features or has_layer else None
-    views = views_of(augmentations if augmentations is not None else config.recipe.augment)
+    views = views_of(augmentations if augmentations is not None else config.recipe.augment, splits.train.population)
     if strategy.uses_features and not set(views) <= set(FEATURE_VIEWS):
         raise ConfigError(
             "augment",
-            f"shift is for logit methods: {config.method} compares hidden features, whose cache for 18 views "
-            "would not fit in memory; use flip (or none) with feature methods",
+            f"shift and crops are for logit methods: {config.method} compares hidden features, whose cache for "
+            "many views would not fit in memory; use flip (or none) with feature methods",
         )
     cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, views)
     outputs = cached.outputs if strategy.uses_features else cached.outputs.without_features()

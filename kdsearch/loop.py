@@ -26,7 +26,7 @@ from kdsearch.errors import ConfigError, DivergedError, UserError
 from kdsearch.losses import LossInputs
 from kdsearch.taps import FeatureTap
 from kdsearch.teacher_outputs import TeacherOutputs, as_input
-from kdsearch.views import View, apply_views, draw_views, views_of
+from kdsearch.views import AnyView, apply_views, draw_views, views_of
 from kdsearch.weighted_sum import WeightedSum
 
 EVAL_BATCH_SIZE = 1024
@@ -133,12 +133,14 @@ class Training:
     device: torch.device
     teacher: TeacherOutputs | None
     tap: FeatureTap | None
-    views: tuple[View, ...]
+    views: tuple[AnyView, ...]
     optimizer: torch.optim.Optimizer = field(init=False)
     scaler: torch.amp.GradScaler = field(init=False)
     steps_per_epoch: int = field(init=False)
+    sources: Tensor = field(init=False)  # each train row's position in the dataset, for per-image views
 
     def __post_init__(self) -> None:
+        self.sources = self.train.source_index.to(self.device)
         params = [p for p in [*self.model.parameters(), *self.loss_fn.parameters()] if p.requires_grad]
         self.optimizer = make_optimizer(self.recipe, params)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
@@ -147,7 +149,7 @@ class Training:
 
     def inputs(self, batch: Batch) -> LossInputs:
         """The student's forward pass on the batch's views, and what the loss compares it with."""
-        images = apply_views(self.train.batch(batch.index), self.views, batch.view)
+        images = apply_views(self.train.batch(batch.index), self.views, batch.view, self.sources[batch.index])
         with autocast(self.recipe.precision, self.device):
             logits = self.model(as_input(images, self.device))
             features = self.tap.take() if self.tap is not None else None
@@ -197,7 +199,7 @@ def fit(
     if teacher is not None and len(teacher) != len(train):
         raise ValueError(f"teacher outputs have {len(teacher)} rows for {len(train)} train rows")
     check_precision(recipe.precision, device)
-    views = views_of(recipe.augment)
+    views = views_of(recipe.augment, train.population)
     if teacher is not None:
         teacher = teacher.select(views)
         if teacher.features is not None and isinstance(loss_fn, WeightedSum):

@@ -25,7 +25,7 @@ from kdsearch.data import Split
 from kdsearch.fsutil import load_verified, save_verified
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
-from kdsearch.views import FEATURE_VIEWS, IDENTITY, View, gather_rows
+from kdsearch.views import FEATURE_VIEWS, IDENTITY, AnyView, gather_rows
 
 if TYPE_CHECKING:
     from kdsearch.data import TensorSplits
@@ -41,7 +41,7 @@ class TeacherOutputs:
     from the view it was shown in, so a mirrored row is paired with the teacher's mirrored image.
     """
 
-    views: tuple[View, ...]
+    views: tuple[AnyView, ...]
     logits: tuple[Tensor, ...]
     features: tuple[Tensor, ...] | None
     layer: str | None
@@ -49,7 +49,7 @@ class TeacherOutputs:
     def __len__(self) -> int:
         return int(self.logits[0].shape[0])
 
-    def select(self, views: tuple[View, ...]) -> TeacherOutputs:
+    def select(self, views: tuple[AnyView, ...]) -> TeacherOutputs:
         """The outputs of ``views`` in that order (an augmentation's), without copying a tensor."""
         missing = [view.name for view in views if view not in self.views]
         if missing:
@@ -92,23 +92,32 @@ def compute_teacher_outputs(
     device: torch.device,
     batch_size: int = 512,
     *,
-    view: View = IDENTITY,
+    view: AnyView = IDENTITY,
+    rows: Tensor | None = None,
 ) -> TeacherOutputs:
-    """Run the frozen teacher once over ``images`` (normalised images, or a split) in ``view``."""
+    """Run the frozen teacher once over ``images`` (normalised images, or a split) in ``view``.
+
+    A per-image view (a crop) needs each image's row: a split gives them; a plain tensor of images
+    takes ``rows``.
+    """
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
-    chunks = images.chunks(batch_size) if isinstance(images, Split) else images.split(batch_size)
+    if isinstance(images, Split):
+        chunks = images.chunks_with_rows(batch_size)
+    else:
+        given = rows if rows is not None else torch.zeros(len(images), dtype=torch.int64)
+        chunks = zip(images.split(batch_size), given.to(images.device).split(batch_size), strict=True)
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
-        for chunk in chunks:
-            logits.append(teacher(as_input(view.apply(chunk), device)).float().cpu())
+        for chunk, chunk_rows in chunks:
+            logits.append(teacher(as_input(view.apply(chunk, chunk_rows), device)).float().cpu())
             if tap is not None:
                 features.append(tap.take().float().contiguous().cpu())
     return TeacherOutputs((view,), (torch.cat(logits),), (torch.cat(features),) if features else None, layer)
 
 
-def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, layer: str | None, view: View) -> str:
+def cache_key(teacher_checksum: str, teacher: nn.Module, splits: TensorSplits, layer: str | None, view: AnyView) -> str:
     """Everything the cached outputs depend on; any change gives a new key and a fresh cache."""
     parts = {
         "format": CACHE_FORMAT,
@@ -138,7 +147,7 @@ def cached_teacher_outputs(
     splits: TensorSplits,
     layer: str | None,
     device: torch.device,
-    views: tuple[View, ...] = (IDENTITY,),
+    views: tuple[AnyView, ...] = (IDENTITY,),
 ) -> CachedOutputs:
     """Teacher outputs of ``views`` for ``splits.train`` (on ``device``), from the cache or computed once.
 
@@ -165,7 +174,7 @@ def cached_teacher_outputs(
 
 
 def _view_outputs(
-    teacher: nn.Module, checksum: str, splits: TensorSplits, layer: str | None, device: torch.device, view: View
+    teacher: nn.Module, checksum: str, splits: TensorSplits, layer: str | None, device: torch.device, view: AnyView
 ) -> tuple[TeacherOutputs, bool]:
     key = cache_key(checksum, teacher, splits, layer, view)
     path = cache_dir() / "teacher" / f"{key}.pt"
