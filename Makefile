@@ -6,15 +6,20 @@ SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 # The GPU machine has its own torch and no .venv: bench-gpu runs with whichever python has torch there.
 PYTHON_FOR_GPU ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
 
-.PHONY: setup test lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-gpu bench-gpu-prepare soak clean
+.PHONY: setup test test-fast lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-gpu bench-gpu-prepare soak clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,postgres,mysql,timm]'
 
+# Every test; `make test-fast` is the inner loop: all but the end-to-end ones (real trainings, child
+# processes, servers), which are marked slow.
 test:
 	$(BIN)/python -m pytest -q tests
+
+test-fast:
+	$(BIN)/python -m pytest -q -m 'not slow' tests
 
 lint:
 	$(BIN)/ruff check kdsearch tests bench

@@ -1,8 +1,11 @@
-"""Shared fixtures: small real image folders, an isolated studies home, a tiny trained teacher."""
+"""Shared fixtures: small real image folders, an isolated studies home, teachers (trained or not), the stub trainer."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,28 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import CLASSES, POSTGRES_URL, StubTrainer, optimize_args, postgres_available, run_cli
+
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg"
-CLASSES = [f"class{i}" for i in range(10)]
+# A memory file system for the tests' files where the machine has one: a SQLite commit there costs
+# microseconds, not the ~17 ms of an fsync to disk, and a study's set-up commits dozens of times.
+MEMORY_TEMP = Path("/dev/shm")
+
+
+# One thread per test process, and per child process a test starts: the tests' tensors are tiny, and on
+# a busy two-core machine a second thread mostly waits for a core (a LightNN forward pass on one image
+# took 50 ms with two threads there, 0.4 ms with one). OMP_NUM_THREADS set by the caller is kept.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put pytest's temporary folders (every ``tmp_path``, so every studies home) on ``MEMORY_TEMP``,
+    unless a temporary folder was chosen (``--basetemp``, ``TMPDIR``) or the machine has no such folder."""
+    chosen = config.option.basetemp or os.environ.get("TMPDIR") or os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    if not chosen and MEMORY_TEMP.is_dir() and os.access(MEMORY_TEMP, os.W_OK):
+        tempfile.tempdir = str(MEMORY_TEMP)
 
 
 def _pattern(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,3 +102,41 @@ def pattern_teacher(pattern_folder: Path, tmp_path_factory: pytest.TempPathFacto
     splits = load_splits("imagefolder", pattern_folder, val_size=0)
     train_teacher(splits, "deepnn", RecipeConfig(epochs=3), torch.device("cpu"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DeepNN teacher checkpoint, seeded and untrained: for tests where the teacher's skill is not the point."""
+    from kdsearch.checkpoints import save_checkpoint
+    from kdsearch.models import DeepNN
+
+    out = tmp_path_factory.mktemp("untrained-teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    save_checkpoint(out, DeepNN(), {"kind": "teacher", "model": "deepnn", "num_classes": 10, "data": {"val_size": 0}})
+    return out
+
+
+@pytest.fixture()
+def stub(monkeypatch: pytest.MonkeyPatch) -> StubTrainer:
+    """The stub trainer in place of data, teacher and training for searches and confirmations (tests.helpers)."""
+    return StubTrainer().install(monkeypatch)
+
+
+@pytest.fixture()
+def search(
+    pattern_folder: Path, untrained_teacher: Path, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """``search(*args, method="kd", epochs=1)``: `kdsearch optimize` on the pattern folder and the stub trainer,
+    in-process (``optimize_args``); returns (exit code, stdout, stderr)."""
+
+    def run(*extra: object, method: str = "kd", epochs: int = 1) -> tuple[int, str, str]:
+        return run_cli(optimize_args(pattern_folder, untrained_teacher, *extra, method=method, epochs=epochs), capsys)
+
+    return run
+
+
+@pytest.fixture()
+def postgres() -> str:
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    return POSTGRES_URL

@@ -5,6 +5,10 @@ trials can finish between the moment a RUNNING trial shows up in the storage and
 model removes the race: with ``KDSEARCH_TEST_STALL=<path>`` in the worker's environment, the first
 training-mode forward pass creates ``<path>`` and then sleeps, so the test knows the trial is inside
 the training loop and stays there until it is signalled. Without the variable it is LightNN.
+
+A fixture module, not a test module: the command line imports it by its path (``MODEL``) in a child
+process, as it imports a user's model, so it stays this small and imports nothing of the tests. Tests
+reach it through ``tests.helpers`` (``STALLING_MODEL``, ``STALL_VARIABLE``, ``spawn``).
 """
 
 from __future__ import annotations
