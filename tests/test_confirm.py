@@ -15,8 +15,16 @@ from optuna.trial import TrialState
 
 from kdsearch.config import RunConfig
 from kdsearch.confirm import ConfirmObjective, _enqueue, paired_interval, t_quantile
-from tests.helpers import files_under, run_cli
-from tests.test_search import load, optimize
+from tests.helpers import (
+    POSTGRES_URL,
+    StubTrainer,
+    files_under,
+    load_study,
+    optimize_args,
+    postgres_available,
+    run_cli,
+    spawn,
+)
 
 
 def test_the_paired_interval_is_the_textbook_one() -> None:
@@ -33,17 +41,89 @@ def test_the_paired_interval_is_the_textbook_one() -> None:
     assert t_quantile(1) == 12.706 and t_quantile(30) == 2.042 and t_quantile(200) == 1.96
 
 
-def test_confirm_ranks_on_validation_compares_paired_and_resumes(
+# Over seeds 42, 43, 44 (and 45 when a fourth is asked for), per arm: validation and test accuracy.
+# The search's runner-up (trial 2) wins on mean validation; test accuracy is looked at for it and
+# the hand-set baseline only.
+VAL = {"trial-1": [60.0, 61.0, 62.0, 62.0], "trial-2": [63.0, 63.0, 63.0, 63.0], "hand-set": [50.0, 50.0, 50.0, 50.0]}
+TEST = {"trial-1": [90.0, 90.0, 90.0, 90.0], "trial-2": [70.0, 72.0, 71.0, 70.0], "hand-set": [68.0, 69.0, 71.0, 70.0]}
+
+
+def confirm(capsys: pytest.CaptureFixture[str], *args: object) -> dict:
+    code, out, err = run_cli(["confirm", "--study-name", "kd-imagefolder", *args, "--json", "-q"], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_confirm_ranks_on_mean_validation_and_compares_the_chosen_one_paired_on_test(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    values = iter([40.0, 60.0, 55.0])
+    stub.val = lambda config: next(values)
+    assert search("--trials", "3", "--pruner", "none", "--no-baseline")[0] == 0  # one seed: trial 1 > 2 > 0
+    arm_of_lr = {t.params["lr"]: f"trial-{t.number}" for t in load_study(home, "kd-imagefolder").trials}
+    arm_of_lr[1e-3] = "hand-set"  # the tutorial's
+    stub.val = lambda config: VAL[arm_of_lr[config.recipe.lr]][config.recipe.seed - 42]
+    stub.test = lambda config: TEST[arm_of_lr[config.recipe.lr]][config.recipe.seed - 42]
+    summary = confirm(capsys, "--top", "2", "--seeds", "3")
+    assert summary["chosen"] == "trial-2" and summary["seeds"] == [42, 43, 44]
+    rows = [(r["arm"], r["chosen"], r["baseline"], r["val_mean"], r["test_runs"]) for r in summary["rows"]]
+    assert rows == [
+        ("trial-1", False, False, 61.0, None),
+        ("trial-2", True, False, 63.0, [70.0, 72.0, 71.0]),
+        ("hand-set", False, True, 50.0, [68.0, 69.0, 71.0]),
+    ]
+    # By hand: differences 2, 3, 0; mean 5/3; sample variance ((1/3)² + (4/3)² + (5/3)²) / 2 = 7/3;
+    # t(0.975, 2 degrees of freedom) = 4.303; half width 4.303 · √(7/3) / √3 = 3.7949.
+    (comparison,) = summary["chosen_minus"].values()
+    assert set(summary["chosen_minus"]) == {"hand-set"} and comparison["interval"] == "+1.67 ± 3.79"
+    assert comparison["mean"] == pytest.approx(5 / 3) and comparison["half_width"] == pytest.approx(3.7949, abs=1e-4)
+    chosen = summary["rows"][1]["params"]
+    assert chosen["method"] == "kd" and chosen["lr"] == next(lr for lr, arm in arm_of_lr.items() if arm == "trial-2")
+    companion = load_study(home, "kd-imagefolder-confirm")
+    runs = companion.get_trials()
+    assert len(runs) == 9 and all(t.state == TrialState.COMPLETE for t in runs)
+    assert {(t.params["arm"], t.params["seed"]) for t in runs} == {(a, s) for a in VAL for s in (42, 43, 44)}
+    assert companion.user_attrs["confirms"] == "kd-imagefolder" and companion.user_attrs["summary"] == summary
+    # A fourth seed later: only its three runs are trained, the finished ones are kept.
+    trained, stamps = len(stub.runs), {t.number: t.datetime_complete for t in runs}
+    assert confirm(capsys, "--top", "2", "--seeds", "4")["chosen"] == "trial-2"
+    again = load_study(home, "kd-imagefolder-confirm").get_trials()
+    assert len(stub.runs) == trained + 3 and len(again) == 12
+    assert {t.number: t.datetime_complete for t in again[:9]} == stamps
+    # The companion holds runs, not a search: optimize refuses to add trials to it.
+    code, _, err = search("--trials", "1", "--study-name", "kd-imagefolder-confirm")
+    assert code == 2 and "holds the confirmation runs of 'kd-imagefolder'" in err
+    # export now re-trains the confirmed winner, and says what confirmation found; so does the report.
+    exported = yaml.safe_load(run_cli(["export", "--study-name", "kd-imagefolder"], capsys)[1])
+    assert exported["source"]["trial"] == 2 and exported["source"]["confirmed"]["seeds"] == [42, 43, 44, 45]
+    report = home.parent / "report.html"
+    assert run_cli(["report", "--study-name", "kd-imagefolder", "-o", report], capsys)[0] == 0
+    page = report.read_text()
+    assert "confirmed over seeds [42, 43, 44, 45]" in page and "trial-2 (chosen)" in page
+    assert "hand-set (baseline)" in page and "paired by seed, mean ± 95 % CI" in page
+
+
+def test_the_confirm_table_is_printed_without_json(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search("--trials", "1")[0] == 0
+    code, out, err = run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "2"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "confirmed kd-imagefolder with seeds [42, 43] (ranked on mean validation accuracy)"
+    assert lines[1].startswith("  trial-0 (chosen): validation ") and lines[2].startswith("  hand-set (baseline): ")
+    assert lines[3].startswith("  trial-0 − hand-set: ") and len(lines) == 4
+
+
+@pytest.mark.slow
+def test_confirm_trains_every_run_and_export_and_report_say_what_it_found(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--method", "kd", "--trials", "3", "--epochs", "1", "--pruner", "none", "--sampler-seed", "1"]
-    assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
-    code, out, err = run_cli(
-        ["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "2", "--json"], capsys
-    )
-    assert code == 0, err
-    summary = json.loads(out)
-    companion = load(home, "kd-imagefolder-confirm")
+    """End to end: real trainings of a search, its confirmation, then export and the report read it back."""
+    args = optimize_args(pattern_folder, pattern_teacher, "--trials", "3", "--pruner", "none", "--sampler-seed", "1")
+    assert run_cli(args, capsys)[0] == 0
+    summary = confirm(capsys, "--top", "2", "--seeds", "2")
+    companion = load_study(home, "kd-imagefolder-confirm")
     trials = companion.get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)  # (2 configs + hand-set) x 2
     assert {(t.params["arm"], t.params["seed"]) for t in trials} == {
@@ -51,6 +131,7 @@ def test_confirm_ranks_on_validation_compares_paired_and_resumes(
         for arm in ("hand-set", *(r["arm"] for r in summary["rows"] if not r["baseline"]))
         for seed in (42, 43)
     }
+    assert all(0.0 <= t.user_attrs["test_accuracy"] <= 100.0 for t in trials)
     # The chosen config has the best mean validation accuracy; only it and the baseline are tested.
     candidates = [r for r in summary["rows"] if not r["baseline"]]
     best = max(candidates, key=lambda r: r["val_mean"])
@@ -69,51 +150,35 @@ def test_confirm_ranks_on_validation_compares_paired_and_resumes(
     page = report.read_text()
     assert "confirmed over seeds [42, 43]" in page and f"{summary['chosen']} (chosen)" in page
     assert "hand-set (baseline)" in page and "paired by seed, mean ± 95 % CI" in page
-    # A third seed later: only the new runs are trained, the finished ones are kept.
-    stamps = {t.number: t.datetime_complete for t in trials}
-    assert run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "2", "--seeds", "3", "-q"], capsys)[0] == 0
-    again = load(home, "kd-imagefolder-confirm").get_trials()
-    assert len(again) == 9 and {t.number: t.datetime_complete for t in again[:6]} == stamps
-    # The companion holds runs, not a search: optimize refuses to add trials to it.
-    code, _, err = run_cli(
-        optimize(pattern_folder, pattern_teacher, *args, "--study-name", "kd-imagefolder-confirm"), capsys
-    )
-    assert code == 2 and "holds the confirmation runs of 'kd-imagefolder'" in err
 
 
-def test_a_ce_study_is_the_control(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_ce_study_is_the_control(search, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for method in ("kd", "ce"):
-        args = ["--method", method, "--trials", "1", "--epochs", "1"]
-        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
-    code, out, err = run_cli(
-        [
-            "confirm",
-            "--study-name",
-            "kd-imagefolder",
-            "--top",
-            "1",
-            "--seeds",
-            "2",
-            "--against",
-            "ce-imagefolder",
-            "--json",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    summary = json.loads(out)
+        assert search("--trials", "1", method=method)[0] == 0
+    summary = confirm(capsys, "--top", "1", "--seeds", "2", "--against", "ce-imagefolder")
     control = next(r for r in summary["rows"] if r["arm"] == "control-ce-imagefolder")
     assert control["baseline"] and control["params"]["method"] == "ce" and len(control["test_runs"]) == 2
     assert set(summary["chosen_minus"]) == {"hand-set", "control-ce-imagefolder"}
-    assert (
-        "control-ce-imagefolder"
-        in run_cli(
-            ["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "2", "--against", "ce-imagefolder"],
-            capsys,
-        )[1]
-    )
+    args = ["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "2", "--against", "ce-imagefolder"]
+    assert "control-ce-imagefolder" in run_cli(args, capsys)[1]
+
+
+@pytest.mark.parametrize(
+    ("control", "change", "message"),
+    [
+        ("ce", {"fingerprint": "other-data"}, "'other' names a study of other data or another validation split"),
+        ("cosine", {}, "'other' names a cosine study: a control needs no teacher (ce) or shares the method"),
+    ],
+)
+def test_a_control_of_other_data_or_another_teachers_method_is_refused(
+    control: str, change: dict, message: str, search, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search("--trials", "1")[0] == 0
+    for name, value in change.items():
+        setattr(stub, name, value)
+    assert search("--trials", "1", "--study-name", "other", method=control)[0] == 0
+    code, _, err = run_cli(["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--against", "other"], capsys)
+    assert code == 2 and err == f"kdsearch: error: --against {message}\n"
 
 
 def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
@@ -146,26 +211,22 @@ def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
 
 
 def test_the_control_is_its_studys_confirmed_winner(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A confirmed control is compared through the config its own confirmation chose, not its one-seed best."""
-    for method, trials in (("kd", "1"), ("ce", "3")):
-        args = ["--method", method, "--trials", trials, "--epochs", "1"]
-        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
-    ce = load(home, "ce-imagefolder")
+    assert search("--trials", "1")[0] == 0
+    values = iter([50.0, 60.0, 55.0])
+    stub.val = lambda config: next(values, 40.0)
+    assert search("--trials", "3", method="ce")[0] == 0
+    ce = load_study(home, "ce-imagefolder")
     ranked = sorted((t for t in ce.trials if t.value is not None), key=lambda t: -t.value)
     runner_up = ranked[-1]
-    assert runner_up.number != ranked[0].number
+    assert runner_up.number != ranked[0].number and runner_up.params["lr"] != ranked[0].params["lr"]
     companion = optuna.create_study(study_name="ce-imagefolder-confirm", storage=ce._storage)
     companion.set_user_attr("summary", {"chosen": f"trial-{runner_up.number}"})
-    code, out, err = run_cli(
-        ["confirm", "--study-name", "kd-imagefolder", "--top", "1", "--seeds", "1", "--against", "ce-imagefolder",
-         "--json"],
-        capsys,
-    )  # fmt: skip
-    assert code == 0, err
-    control = next(r for r in json.loads(out)["rows"] if r["arm"] == "control-ce-imagefolder")
-    assert control["params"]["lr"] == runner_up.params["lr"] != ranked[0].params["lr"]
+    summary = confirm(capsys, "--top", "1", "--seeds", "1", "--against", "ce-imagefolder")
+    control = next(r for r in summary["rows"] if r["arm"] == "control-ce-imagefolder")
+    assert control["params"]["lr"] == runner_up.params["lr"]
     # The summary names every searched recipe knob the control trained with, not a familiar few.
     assert {k: control["params"][k] for k in runner_up.params} == runner_up.params
 
@@ -194,19 +255,18 @@ def test_confirm_refuses_bad_input_in_one_line_writing_nothing(
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["empty"]  # no companion study
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_confirm_workers_share_one_postgres_study(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_parallel_faults import POSTGRES_URL, postgres_available, spawn
-
     if not postgres_available():
         pytest.skip("PostgreSQL not reachable")
     name = f"confirm-{uuid.uuid4().hex[:8]}"
     storage = ["--storage", POSTGRES_URL]
     try:
-        args = ["--method", "kd", "--trials", "2", "--epochs", "1", "--study-name", name, *storage]
-        assert run_cli(optimize(pattern_folder, pattern_teacher, *args), capsys)[0] == 0
+        args = optimize_args(pattern_folder, pattern_teacher, "--trials", "2", "--study-name", name, *storage)
+        assert run_cli(args, capsys)[0] == 0
         command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--json", "-q", *storage]
         workers = [spawn(command, home) for _ in range(2)]
         summaries = []
