@@ -5,8 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,100 +16,49 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from kdsearch.fsutil import atomic_write
-from tests.helpers import run_cli
-from tests.stalling_model import MODEL as STALLING_MODEL
-from tests.stalling_model import STALL_VARIABLE
+from tests.helpers import (
+    POSTGRES_URL,
+    STALLING_MODEL,
+    load_study,
+    optimize_args,
+    postgres_available,
+    run_cli,
+    spawn,
+    wait_for_stall,
+)
 
-POSTGRES_URL = os.environ.get("KDSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-
-
-def optimize_args(folder: Path, teacher: Path, *extra: str) -> list[str]:
-    return [
-        "optimize",
-        "--method",
-        "kd",
-        "--dataset",
-        "imagefolder",
-        "--data-dir",
-        str(folder),
-        "--val-size",
-        "50",
-        "--teacher",
-        str(teacher),
-        "--batch-size",
-        "64",
-        "-q",
-        *extra,
-    ]
+MYSQL_URL = os.environ.get("KDSEARCH_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
-def spawn(args: list[str], home: Path, stall: Path | None = None) -> subprocess.Popen:
-    """Run the CLI in a child process; with `stall`, its first training step blocks (see stalling_model)."""
-    env = {**os.environ, "KDSEARCH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop(STALL_VARIABLE, None)
-    if stall is not None:
-        env[STALL_VARIABLE] = str(stall)
-    return subprocess.Popen(
-        [sys.executable, "-m", "kdsearch", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for_stall(marker: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Block until the child is inside a trial's training loop, where the stalling student holds it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        if marker.exists():
-            return
-        time.sleep(0.1)
-    raise AssertionError("no trial reached its training loop in time")
-
-
-def postgres_available() -> bool:
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(POSTGRES_URL).connect():
-            return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.fixture()
-def postgres() -> str:
-    if not postgres_available():
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
-    return POSTGRES_URL
-
-
+@pytest.mark.slow
 def test_n_jobs_finishes_exactly_the_requested_trials(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run_cli(
-        optimize_args(pattern_folder, pattern_teacher, "--trials", "5", "--n-jobs", "2", "--epochs", "1"), capsys
-    )
+    code, _, err = run_cli(optimize_args(pattern_folder, pattern_teacher, "--trials", "5", "--n-jobs", "2"), capsys)
     assert code == 0, err
-    trials = optuna.load_study(study_name="kd-imagefolder", storage=f"sqlite:///{home / 'kdsearch.db'}").get_trials()
+    trials = load_study(home, "kd-imagefolder").get_trials()
     assert len(trials) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     # Two samplers with distinct seeds: the workers did not propose the same startup trials.
     assert len({t.params["lr"] for t in trials}) == 5
 
 
-def test_processes_on_one_sqlite_file_share_a_study(
+@pytest.mark.slow
+def test_processes_on_one_sqlite_file_share_a_study_and_never_propose_the_same_trial(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = optimize_args(
-        pattern_folder, pattern_teacher, "--trials", "6", "--total", "--epochs", "1", "--study-name", "shared"
-    )
-    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0  # builds caches and the study first
+    """The README's multi-host recipe: the same command in several processes on one storage, default seeds."""
+    args = optimize_args(pattern_folder, pattern_teacher, "--trials", "6", "--total", "--study-name", "shared")
+    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0  # builds caches and the study (its baseline) first
     processes = [spawn(args, home) for _ in range(3)]
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err
         assert "database is locked" not in err
-    trials = optuna.load_study(study_name="shared", storage=f"sqlite:///{home / 'kdsearch.db'}").get_trials()
+    trials = load_study(home, "shared").get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert 6 <= len(finished) <= 8 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    proposals = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(proposals)) == len(proposals)
 
 
 def _signal_and_resume(
@@ -124,9 +71,7 @@ def _signal_and_resume(
     home: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = optimize_args(
-        folder, teacher, "--epochs", "2", "--study-name", name, "--storage", storage, "--student-model", STALLING_MODEL
-    )
+    args = optimize_args(folder, teacher, "--study-name", name, "--storage", storage, "--student-model", STALLING_MODEL)
     marker = home.parent / "stalled"
     process = spawn([*args, "--trials", "5"], home, stall=marker)
     wait_for_stall(marker, process)
@@ -142,6 +87,7 @@ def _signal_and_resume(
     assert len(resumed) == len(trials) + 1 and resumed[-1].state == TrialState.COMPLETE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_close_the_running_trial_and_the_next_run_resumes(
     signum: int,
@@ -157,6 +103,7 @@ def test_signals_close_the_running_trial_and_the_next_run_resumes(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_sigterm_on_postgres_closes_the_trial(
     postgres: str, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
@@ -183,8 +130,6 @@ def _kill_and_recover(
         "--trials",
         "3",
         "--total",
-        "--epochs",
-        "2",
         "--student-model",
         STALLING_MODEL,
     )
@@ -210,6 +155,7 @@ def _assert_recovered(trials: list[optuna.trial.FrozenTrial]) -> None:
     assert len(retried) == 1 and retried[0].params == failed.params
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_killed_worker_on_postgres_is_failed_and_retried(
     postgres: str, pattern_folder: Path, pattern_teacher: Path, home: Path
@@ -222,7 +168,7 @@ def test_killed_worker_on_postgres_is_failed_and_retried(
 
 
 def test_passwords_never_reach_output_or_exports(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    search, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kdsearch.storage import redact
 
@@ -232,22 +178,7 @@ def test_passwords_never_reach_output_or_exports(
     url = POSTGRES_URL.replace("postgres@", "postgres:hunter2@")  # trust auth ignores the password
     name = f"pw-{uuid.uuid4().hex[:8]}"
     try:
-        code, out, err = run_cli(
-            optimize_args(
-                pattern_folder,
-                pattern_teacher,
-                "--trials",
-                "1",
-                "--epochs",
-                "1",
-                "--storage",
-                url,
-                "--study-name",
-                name,
-                "--json",
-            ),
-            capsys,
-        )
+        code, out, err = search("--trials", "1", "--storage", url, "--study-name", name, "--json")
         assert code == 0, err
         exported = tmp_path / "best.yaml"
         code, out2, err2 = run_cli(["export", "--study-name", name, "--storage", url, "-o", exported], capsys)
@@ -255,11 +186,12 @@ def test_passwords_never_reach_output_or_exports(
         code, out3, err3 = run_cli(["studies", "--storage", url, "-f", "json"], capsys)
         for text in (out, err, out2, err2, out3, err3, exported.read_text()):
             assert "hunter2" not in text
-        assert "postgres:***@" in exported.read_text()
+        assert "postgres:***@" in exported.read_text() and "postgres:***@" in out
     finally:
         optuna.delete_study(study_name=name, storage=POSTGRES_URL)
 
 
+@pytest.mark.slow
 def test_killed_worker_on_sqlite_is_failed_and_retried(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:
     home.mkdir(parents=True)  # an explicit --storage must point into an existing directory
     _assert_recovered(
@@ -296,6 +228,7 @@ def _build_cache(home: str, folder: str, teacher: str, queue: multiprocessing.Qu
     queue.put((cached.built, float(cached.outputs.logits[0].sum())))
 
 
+@pytest.mark.slow
 def test_concurrent_builders_produce_one_cache(pattern_folder: Path, pattern_teacher: Path, home: Path) -> None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -313,12 +246,7 @@ def test_concurrent_builders_produce_one_cache(pattern_folder: Path, pattern_tea
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 1
 
 
-MYSQL_URL = os.environ.get("KDSEARCH_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
-
-
-def test_a_study_on_mysql(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_study_on_mysql(search, home: Path) -> None:
     try:
         import sqlalchemy
 
@@ -328,23 +256,10 @@ def test_a_study_on_mysql(
         pytest.skip(f"MySQL/MariaDB not reachable at {MYSQL_URL}")
     name = f"mysql-{uuid.uuid4().hex[:8]}"
     try:
-        code, _, err = run_cli(
-            optimize_args(
-                pattern_folder,
-                pattern_teacher,
-                "--trials",
-                "2",
-                "--epochs",
-                "1",
-                "--storage",
-                MYSQL_URL,
-                "--study-name",
-                name,
-            ),
-            capsys,
-        )
+        code, _, err = search("--trials", "2", "--storage", MYSQL_URL, "--study-name", name)
         assert code == 0, err
         trials = optuna.load_study(study_name=name, storage=MYSQL_URL).get_trials()
         assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+        assert trials[0].user_attrs["baseline"] == "tutorial" and "artifact_id" in trials[0].user_attrs
     finally:
         optuna.delete_study(study_name=name, storage=MYSQL_URL)

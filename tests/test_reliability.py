@@ -24,9 +24,7 @@ from kdsearch.errors import UserError
 from kdsearch.spaces import build_space, parse_assignments, parse_param
 from kdsearch.storage import redact
 from kdsearch.strategies import METHODS, get_strategy
-from tests.helpers import pattern_config, run_cli
-from tests.stalling_model import MODEL as STALLING_MODEL
-from tests.test_parallel_faults import optimize_args, spawn, wait_for_stall
+from tests.helpers import STALLING_MODEL, optimize_args, pattern_config, run_cli, spawn, wait_for_stall
 
 
 def _flip_bytes(path: Path, at: float = 0.6, count: int = 64) -> None:
@@ -38,11 +36,11 @@ def _flip_bytes(path: Path, at: float = 0.6, count: int = 64) -> None:
 
 
 def test_corrupted_caches_are_rebuilt_with_one_warning(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+    pattern_folder: Path, untrained_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kdsearch.distill import prepare
 
-    config = pattern_config(pattern_folder, pattern_teacher, method="cosine")
+    config = pattern_config(pattern_folder, untrained_teacher, method="cosine")
     first = prepare(config)
     assert first.teacher is not None and first.teacher.features is not None
     # Both caches are memory-mapped: keep copies of what they held before the files are damaged.
@@ -65,22 +63,7 @@ def test_corrupted_caches_are_rebuilt_with_one_warning(
     assert capsys.readouterr().err == ""
 
 
-def test_two_workers_on_one_study_never_propose_the_same_trial(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The README's multi-host recipe: the same command twice on one storage, default seeds."""
-    args = optimize_args(pattern_folder, pattern_teacher, "--epochs", "1", "--study-name", "fleet", "--no-baseline")
-    assert run_cli([*args, "--trials", "1"], capsys)[0] == 0  # the study and the caches exist first
-    processes = [spawn([*args, "--trials", "3"], home) for _ in range(2)]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err
-    trials = optuna.load_study(study_name="fleet", storage=f"sqlite:///{home / 'kdsearch.db'}").get_trials()
-    assert len(trials) == 7
-    proposals = [tuple(sorted(t.params.items())) for t in trials]
-    assert len(set(proposals)) == len(proposals)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "code", "last_line"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
 )
@@ -91,9 +74,7 @@ def test_a_signal_reaches_every_worker_and_no_new_trial_starts(
     Ctrl-C reaches every process of the group anyway)."""
     home.mkdir(parents=True)
     storage = f"sqlite:///{home / 'kdsearch.db'}"
-    args = optimize_args(
-        pattern_folder, pattern_teacher, "--epochs", "2", "--storage", storage, "--student-model", STALLING_MODEL
-    )
+    args = optimize_args(pattern_folder, pattern_teacher, "--storage", storage, "--student-model", STALLING_MODEL)
     marker = home.parent / "stalled"
     process = spawn([*args, "--trials", "8", "--n-jobs", "2"], home, stall=marker)
     wait_for_stall(marker, process)
@@ -124,13 +105,9 @@ def test_credentials_are_masked_wherever_a_url_is_shown() -> None:
     assert redact("sqlite:///studies/kdsearch.db") == "sqlite:///studies/kdsearch.db"
 
 
-def test_credentials_in_query_parameters_never_reach_errors(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_credentials_in_query_parameters_never_reach_errors(search) -> None:
     url = "postgresql+psycopg2://127.0.0.1:1/db?user=u&password=hunter2"
-    code, out, err = run_cli(
-        [*optimize_args(pattern_folder, pattern_teacher, "--trials", "1"), "--storage", url], capsys
-    )
+    code, out, err = search("--trials", "1", "--storage", url)
     assert code == 2 and "hunter2" not in out + err and "password=***" in err
 
 
@@ -158,10 +135,9 @@ def _dashboard_stderr(host: str, home: Path) -> list[str]:
     return lines
 
 
-def test_the_dashboard_warns_when_it_serves_beyond_loopback(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert run_cli([*optimize_args(pattern_folder, pattern_teacher, "--trials", "1", "--epochs", "1")], capsys)[0] == 0
+@pytest.mark.slow
+def test_the_dashboard_warns_when_it_serves_beyond_loopback(search, home: Path) -> None:
+    assert search("--trials", "1")[0] == 0
     assert len(_dashboard_stderr("127.0.0.1", home)) == 1
     beyond = _dashboard_stderr("0.0.0.0", home)
     assert len(beyond) == 2 and beyond[0].startswith("kdsearch: warning: serving on 0.0.0.0")
