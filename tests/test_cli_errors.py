@@ -14,12 +14,15 @@ from optuna.distributions import FloatDistribution
 from kdsearch.checkpoints import FORMAT, save_checkpoint
 from kdsearch.config import RunConfig
 from kdsearch.models import DeepNN, LightNN
-from tests.helpers import files_under, run_cli
+from tests.helpers import files_under, optimize_args, run_cli
 
 
-@pytest.fixture()
-def error_env(tmp_path: Path, pattern_folder: Path, pattern_teacher: Path, home: Path) -> dict[str, str]:
-    """Paths the error cases refer to: data, teachers of the wrong kind, bad files."""
+@pytest.fixture(scope="module")
+def error_env(
+    tmp_path_factory: pytest.TempPathFactory, pattern_folder: Path, untrained_teacher: Path
+) -> dict[str, str]:
+    """Paths the error cases refer to: data, teachers of the wrong kind, bad files (made once: no case writes)."""
+    tmp_path = tmp_path_factory.mktemp("errors")
     (tmp_path / "empty").mkdir()
     torch.save(LightNN().state_dict(), tmp_path / "light.pt")
     save_checkpoint(tmp_path / "five.pt", DeepNN(num_classes=5), {"model": "deepnn", "num_classes": 5})
@@ -30,7 +33,7 @@ def error_env(tmp_path: Path, pattern_folder: Path, pattern_teacher: Path, home:
     (tmp_path / "space-type.yaml").write_text("parameters:\n  temperature: {type: categorical, choices: [1, 2]}\n")
     (tmp_path / "space-value.yaml").write_text("parameters:\n  temperature: {type: float, low: -1, high: 2}\n")
     (tmp_path / "evil.pt").write_bytes(b"\x80\x04not a checkpoint")
-    (tmp_path / "truncated.pt").write_bytes(pattern_teacher.read_bytes()[:5000])
+    (tmp_path / "truncated.pt").write_bytes(untrained_teacher.read_bytes()[:5000])
     (tmp_path / "seed.yaml").write_text("recipe: {seed: abc}\n")
     (tmp_path / "space-step.yaml").write_text("parameters:\n  depth: {type: int, low: 1, high: 3, step: 5}\n")
     (tmp_path / "dir.html").mkdir()
@@ -47,7 +50,7 @@ def error_env(tmp_path: Path, pattern_folder: Path, pattern_teacher: Path, home:
         shutil.copytree(pattern_folder / split / "class0", zero / split / "class0")
     (zero / "train" / "class0" / "empty.png").write_bytes(b"")
     _kdsearch_and_plain_studies(f"sqlite:///{tmp_path / 'c.db'}")
-    return {"data": str(pattern_folder), "teacher": str(pattern_teacher), "tmp": str(tmp_path)}
+    return {"data": str(pattern_folder), "teacher": str(untrained_teacher), "tmp": str(tmp_path)}
 
 
 def _kdsearch_and_plain_studies(url: str) -> None:
@@ -64,7 +67,7 @@ def _kdsearch_and_plain_studies(url: str) -> None:
 
 DATA = ["--dataset", "imagefolder", "--data-dir", "{data}", "--val-size", "50"]
 TRAIN = ["train", *DATA, "--epochs", "1", "--teacher", "{teacher}", "--out", "{tmp}/out.pt"]
-OPT = ["optimize", *DATA, "--epochs", "1", "--teacher", "{teacher}", "--trials", "1"]
+OPT = optimize_args("{data}", "{teacher}", "--trials", "1")
 
 CASES = {
     "unknown dataset": (["train", "--dataset", "mnist2"], "mnist2"),
@@ -218,7 +221,7 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_fp16_on_the_cpu_is_a_user_error(pattern_folder: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--method", "ce", "--dataset", "imagefolder", "--data-dir", pattern_folder, "--device", "cpu"]
-    for command in (["train", *args], ["optimize", *args, "--trials", "1"]):
+    for command in (["train", *args], optimize_args(pattern_folder, None, "--trials", "1", "--device", "cpu")):
         code, _, err = run_cli([*command, "--precision", "fp16"], capsys)
         assert code == 2 and err.count("\n") == 1 and "needs a CUDA device" in err, err
     assert not home.exists()
