@@ -123,6 +123,7 @@ def _tutorial_order(model: nn.Module) -> nn.Module:
     return twin
 
 
+@pytest.mark.slow
 def test_pooling_before_relu_trains_bit_for_bit_like_the_tutorials_order(cifar_slice: Path) -> None:
     """Same state_dict keys, logits, gradients and weights after Adam steps on real CIFAR-10 images."""
     train = load_splits("imagefolder", cifar_slice, val_size=0).train.to(CPU)

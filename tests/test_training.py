@@ -30,6 +30,7 @@ from tests.helpers import CPU, TEST_DEVICE, fit_tiny, outputs_of, pattern_config
 FEATURE_SHAPES = LossShapes((16, 8, 8), (32, 8, 8))
 
 
+@pytest.mark.slow
 def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50).to(CPU)
     torch.manual_seed(0)
@@ -41,6 +42,7 @@ def test_loop_beats_chance_on_a_small_real_subset(pattern_folder: Path) -> None:
     assert evaluate(model, splits.test, CPU) > 30.0
 
 
+@pytest.mark.slow
 def test_loop_is_reproducible_for_a_seed(pattern_folder: Path) -> None:
     prepared = prepare(pattern_config(pattern_folder, method="ce"))
     a = train_student(prepared)
@@ -61,6 +63,7 @@ def test_non_finite_loss_is_detected(pattern_folder: Path) -> None:
         fit_tiny(splits.train, loss_fn=NaNLoss())
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_round_trip(pattern_teacher: Path, pattern_folder: Path) -> None:
     checkpoint = load_checkpoint(pattern_teacher)
     meta = checkpoint.metadata
@@ -114,15 +117,15 @@ def test_pickle_payloads_are_refused(tmp_path: Path) -> None:
 
 
 def test_teacher_outputs_are_cached_once_and_keyed(
-    pattern_teacher: Path, pattern_folder: Path, home: Path, tmp_path: Path
+    untrained_teacher: Path, pattern_folder: Path, home: Path, tmp_path: Path
 ) -> None:
-    splits = load_splits("imagefolder", pattern_folder, val_size=50)
-    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50, limit_train=64)
+    teacher = load_teacher(untrained_teacher, None, splits, CPU)
     first = outputs_of(teacher, splits, "features")
     outputs = first.outputs
     assert first.built
-    assert outputs.logits[0].shape == (250, 10) and outputs.features is not None
-    assert outputs.features[0].shape == (250, 32, 8, 8)
+    assert outputs.logits[0].shape == (64, 10) and outputs.features is not None
+    assert outputs.features[0].shape == (64, 32, 8, 8)
     files = sorted((home / "cache" / "teacher").glob("*.pt"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
@@ -131,7 +134,7 @@ def test_teacher_outputs_are_cached_once_and_keyed(
     assert files[0].stat().st_mtime_ns == stamp
     # Another layer, or another split, is another cache entry.
     outputs_of(teacher, splits, "features.5")
-    outputs_of(teacher, load_splits("imagefolder", pattern_folder, val_size=60), "features")
+    outputs_of(teacher, load_splits("imagefolder", pattern_folder, val_size=60, limit_train=64), "features")
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 3
     # A truncated cache file is detected and rebuilt, never trusted.
     files[0].write_bytes(files[0].read_bytes()[:64])
@@ -145,12 +148,14 @@ def test_teacher_outputs_are_cached_once_and_keyed(
     assert len(list((home / "cache" / "teacher").glob("*.pt"))) == 4
 
 
-def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+def test_cached_and_live_teacher_give_identical_losses(
+    untrained_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
-    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    teacher = load_teacher(untrained_teacher, None, splits, CPU)
     cached = outputs_of(teacher, splits, "features").outputs
     live_model = DeepNN()
-    live_model.load_state_dict(load_checkpoint(pattern_teacher).state_dict)
+    live_model.load_state_dict(load_checkpoint(untrained_teacher).state_dict)
     live_model.eval()
     index = torch.tensor([5, 0, 17, 3, 99, 42])
     live = compute_teacher_outputs(live_model, splits.train.images[index], "features", CPU)
@@ -167,6 +172,7 @@ def test_cached_and_live_teacher_give_identical_losses(pattern_teacher: Path, pa
         assert torch.allclose(from_cache, from_live, atol=1e-6), method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduce", ["avg", "max"])
 def test_cosine_pools_the_teacher_once_and_trains_bit_for_bit_as_per_batch(
     reduce: str, pattern_teacher: Path, pattern_folder: Path, home: Path, monkeypatch: pytest.MonkeyPatch
@@ -193,6 +199,7 @@ def test_cosine_pools_the_teacher_once_and_trains_bit_for_bit_as_per_batch(
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "cosine", "regressor"])
 def test_every_strategy_trains_through_the_loop(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
@@ -204,6 +211,7 @@ def test_every_strategy_trains_through_the_loop(
     assert result.val_accuracy is not None and result.val_accuracy > 30.0  # chance is 10 %
 
 
+@pytest.mark.slow
 def test_hybrid_with_every_distillation_weight_zero_is_ce(
     pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
@@ -224,6 +232,7 @@ def test_hybrid_with_every_distillation_weight_zero_is_ce(
     assert sum(p.numel() for p in loss_fn.parameters()) == 16 * 32 * 9 + 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "regressor"])
 def test_bf16_autocast_trains_with_float32_weights_and_losses_on_the_device(
     method: str, pattern_teacher: Path, pattern_folder: Path, home: Path
@@ -243,6 +252,7 @@ def _on_test_device(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, device=str(TEST_DEVICE))
 
 
+@pytest.mark.slow
 def test_fp16_path_with_gradient_scaler_trains_on_the_device(
     pattern_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,6 +272,7 @@ def test_fp16_path_with_gradient_scaler_trains_on_the_device(
     assert reports[-1].val_accuracy is not None and reports[-1].val_accuracy > 30.0
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_on_the_device_evaluates_the_same_on_the_cpu(
     pattern_teacher: Path, pattern_folder: Path, home: Path, tmp_path: Path
 ) -> None:
@@ -301,6 +312,7 @@ def test_learning_rate_follows_the_schedule_over_every_step(
         assert set(seen) == {lr}
 
 
+@pytest.mark.slow
 def test_cosine_schedule_changes_the_trained_student(pattern_folder: Path) -> None:
     """The searched schedule reaches the loop through the hyperparameters; the tutorial's is constant."""
     prepared = prepare(pattern_config(pattern_folder, method="ce", epochs=2))
@@ -314,7 +326,7 @@ def test_cosine_schedule_changes_the_trained_student(pattern_folder: Path) -> No
     ("knob", "value", "message"),
     [
         ("lr_schedule", "step", "lr_schedule must be one of constant, cosine, got 'step'"),
-        ("augment", "crop", "augment must be one of none, flip, shift, got 'crop'"),
+        ("augment", "crop", "augment must be one of none, flip, shift or crops:K (K from 1 to 64), got 'crop'"),
         ("optimizer", "lbfgs", "optimizer must be one of adam, adamw, sgd, got 'lbfgs'"),
         ("label_smoothing", 0.9, "label_smoothing must be at most 0.5, got 0.9"),
         ("weight_decay", -1e-4, "weight_decay must be at least 0, got -0.0001"),
@@ -353,10 +365,10 @@ class RecordingLoss(nn.Module):
 
 
 def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_outputs(
-    pattern_teacher: Path, pattern_folder: Path, home: Path
+    untrained_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
-    splits = load_splits("imagefolder", pattern_folder, val_size=50)
-    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50, limit_train=64)  # one batch of 64
+    teacher = load_teacher(untrained_teacher, None, splits, CPU)
     cached = outputs_of(teacher, splits, "features", "flip")
     assert cached.outputs.views == (IDENTITY, MIRRORED) and cached.built
     # The mirrored view is its own cache entry, reused like the plain one.
@@ -379,21 +391,30 @@ def test_flip_augmentation_pairs_each_mirrored_image_with_the_teachers_mirrored_
     assert 0.35 * seen < flipped < 0.65 * seen  # about half of every epoch is mirrored
 
 
-def test_flip_needs_the_mirrored_teacher_outputs(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
+def test_flip_needs_the_mirrored_teacher_outputs(untrained_teacher: Path, pattern_folder: Path, home: Path) -> None:
     splits = load_splits("imagefolder", pattern_folder, val_size=50)
-    plain = outputs_of(load_teacher(pattern_teacher, None, splits, CPU), splits, "features").outputs
+    plain = outputs_of(load_teacher(untrained_teacher, None, splits, CPU), splits, "features").outputs
     with pytest.raises(ValueError, match="lack the views mirrored"):
         fit_tiny(splits.train, RecordingStudent(), RecordingLoss(), teacher=plain, augment="flip")
 
 
-def test_a_flip_run_prepares_the_mirrored_view_itself(pattern_teacher: Path, pattern_folder: Path, home: Path) -> None:
-    config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment="flip")
-    prepared = prepare(config)
+def test_a_flip_run_prepares_the_mirrored_view_itself(
+    untrained_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    prepared = prepare(pattern_config(pattern_folder, untrained_teacher, method="kd", augment="flip"))
     assert prepared.teacher is not None and prepared.teacher.views == (IDENTITY, MIRRORED)
     assert prepared.teacher.features is None  # kd uses logits only
-    result = train_student(prepared)
-    assert result.config.recipe.augment == "flip" and result.val_accuracy is not None and result.val_accuracy > 30
-    assert prepare(pattern_config(pattern_folder, pattern_teacher, method="kd")).teacher.views == (IDENTITY,)  # type: ignore[union-attr]
+    assert prepare(pattern_config(pattern_folder, untrained_teacher, method="kd")).teacher.views == (IDENTITY,)  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("augment", "epochs"), [("flip", 1), ("shift", 2)])
+def test_a_student_trained_on_flipped_or_shifted_views_beats_chance(
+    augment: str, epochs: int, pattern_teacher: Path, pattern_folder: Path, home: Path
+) -> None:
+    config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment=augment, epochs=epochs)
+    result = train_student(prepare(config))
+    assert result.config.recipe.augment == augment and result.val_accuracy is not None and result.val_accuracy > 30
 
 
 class RecordingLogitsLoss(nn.Module):
@@ -420,14 +441,14 @@ def test_a_shift_view_moves_the_image_and_fills_with_zeros() -> None:
 
 
 def test_shift_views_pair_each_row_with_the_teachers_outputs_for_that_view(
-    pattern_teacher: Path, pattern_folder: Path, home: Path
+    untrained_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
     """The student sees the view the teacher scored: cached outputs equal live teacher runs on the batch."""
-    splits = load_splits("imagefolder", pattern_folder, val_size=50)
-    teacher = load_teacher(pattern_teacher, None, splits, CPU)
+    splits = load_splits("imagefolder", pattern_folder, val_size=50, limit_train=64)  # one batch of 64
+    teacher = load_teacher(untrained_teacher, None, splits, CPU)
     cached = outputs_of(teacher, splits, None, "shift")
     assert cached.built and cached.outputs.views == SHIFT_VIEWS
-    assert [tuple(logits.shape) for logits in cached.outputs.logits] == [(250, 10)] * 18
+    assert [tuple(logits.shape) for logits in cached.outputs.logits] == [(64, 10)] * 18
     assert not outputs_of(teacher, splits, None, "shift").built  # every view is cached once
     # The identity and mirrored views are the same cache files a flip run uses: 18 files in all.
     assert not outputs_of(teacher, splits, None, "flip").built
@@ -444,14 +465,11 @@ def test_shift_views_pair_each_row_with_the_teachers_outputs_for_that_view(
 
 
 def test_shift_is_refused_for_feature_methods_and_left_out_of_the_default_space(
-    pattern_teacher: Path, pattern_folder: Path, home: Path
+    untrained_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
     from kdsearch.spaces import default_space
     from kdsearch.strategies import get_strategy
 
     with pytest.raises(ConfigError, match=r"cosine compares hidden features.*use flip"):
-        prepare(pattern_config(pattern_folder, pattern_teacher, method="cosine", augment="shift"))
+        prepare(pattern_config(pattern_folder, untrained_teacher, method="cosine", augment="shift"))
     assert default_space(get_strategy("kd"))["augment"].choices == ("none", "flip")
-    config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment="shift", epochs=2)
-    result = train_student(prepare(config))
-    assert result.config.recipe.augment == "shift" and result.val_accuracy is not None and result.val_accuracy > 30
