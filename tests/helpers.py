@@ -258,7 +258,8 @@ class StubTrainer:
         model.stub_test_accuracy = self.test(config)  # type: ignore[assignment]
         reports = []
         for epoch in range(1, epochs + 1):
-            reports.append(EpochReport(epoch, 1.0 / epoch, final * epoch / epochs, 0.001))
+            accuracy = final * epoch / epochs if epoch < epochs else final  # the last one exactly ``val``
+            reports.append(EpochReport(epoch, 1.0 / epoch, accuracy, 0.001))
             if on_epoch is not None:
                 on_epoch(reports[-1])
         return StudentResult(model, config, reports, count_parameters(model))
