@@ -162,10 +162,24 @@ class ReportSettings(Section):
     png: str | None = knob(None, "Also write PNGs here.", kind=str, path="dir")
 
 
+def _listen_address_problem(host: str) -> str | None:
+    """Why ``host`` cannot be an address to listen on (a URL, a path, spaces), or None.
+
+    Caught here, it is one line naming the option; at bind time it would read as a resolver's error.
+    """
+    if any(c.isspace() for c in host) or "/" in host or not host.strip("[]"):
+        return f"must be an address or a name to listen on, such as 127.0.0.1 or ::1, got {host!r:.80}"
+    return None
+
+
 @dataclass(frozen=True)
 class DashboardSettings(Section):
     """`kdsearch dashboard`: the storage it serves, and where it listens."""
 
     storage: str | None = same(SearchConfig, "storage")
-    host: str = knob("127.0.0.1", "Address to bind (loopback unless you say so).")
+    host: str = knob(
+        "127.0.0.1",
+        "Address to bind (loopback unless you say so; ::1 for IPv6); requests must name it or loopback.",
+        check=_listen_address_problem,
+    )
     port: int = knob(8080, "Port to listen on (0: any free one).", low=0, high=65535)

@@ -27,7 +27,10 @@ TABLE_RACE_RETRIES = 5
 # Query parameters of a database URL that carry secrets (libpq, SQLAlchemy drivers).
 SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword", "access_token", "api_key")
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:" + "|".join(SECRET_QUERY_KEYS) + r")=)[^&#]*")
-_USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://[^:/@]*:)[^@/]*@")
+# The tables every Optuna RDB storage holds: a database without them holds no study, and reading
+# it must not create them.
+OPTUNA_TABLES = frozenset({"studies", "version_info"})
+MASK = "***"
 
 
 def default_storage_url() -> str:
@@ -35,15 +38,87 @@ def default_storage_url() -> str:
     return os.environ.get("KDSEARCH_STORAGE") or f"sqlite:///{home_dir() / 'kdsearch.db'}"
 
 
+def _userinfo_span(url: str) -> tuple[int, int] | None:
+    """Where the password of ``url`` lies (start, end), or None when it has none.
+
+    The password runs from the first ``:`` after ``scheme://user`` to the *last* ``@``: SQLAlchemy
+    allows ``/``, ``?``, ``#`` and ``:`` in it, and a user who did not percent-encode an ``@`` has a
+    password SQLAlchemy cuts short, its rest read as part of the host, which must not show either.
+    Masking up to the last ``@`` may hide a little more than the password (an ``@`` in the query),
+    never less.
+    """
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return None
+    start = scheme_end + 3
+    at = url.rfind("@", start)
+    if at < 0:
+        return None
+    colon = url.find(":", start, at)
+    return (colon + 1, at) if colon >= 0 else None
+
+
 def redact(url: str) -> str:
     """The URL with every credential masked (the password, and secret query parameters):
-    what may appear in output, logs and exported files."""
-    masked = _USERINFO.sub(r"\1***@", url)
-    return _SECRET_QUERY.sub(r"\1***", masked)
+    what may appear in output, logs and exported files.
+
+    It keeps the URL as the user wrote it otherwise (SQLAlchemy's ``render_as_string`` would
+    reorder the query and, for an unencoded ``@``, show the password's tail as the host).
+    """
+    span = _userinfo_span(url)
+    if span is not None:
+        url = f"{url[: span[0]]}{MASK}{url[span[1] :]}"
+    return _SECRET_QUERY.sub(rf"\1{MASK}", url)
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every secret ``url`` holds, as written and percent-decoded, and as SQLAlchemy parses it."""
+    from urllib.parse import parse_qsl, unquote
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    found: set[str] = set()
+    span = _userinfo_span(url)
+    if span is not None:
+        # An unencoded ``@`` splits the password: SQLAlchemy sends the first piece as the password
+        # and a driver's error names the rest as part of the host.
+        found |= {url[span[0] : span[1]], *url[span[0] : span[1]].split("@")}
+    _, _, query = url.partition("?")
+    found |= {value for key, value in parse_qsl(query) if key.lower() in SECRET_QUERY_KEYS}
+    found |= {match.group(0).split("=", 1)[1] for match in _SECRET_QUERY.finditer(url)}
+    try:
+        parsed = make_url(url)
+        if parsed.password is not None:
+            found.add(str(parsed.password))
+        for key, value in parsed.query.items():
+            if key.lower() in SECRET_QUERY_KEYS:
+                found |= {value} if isinstance(value, str) else set(value)
+    except (ArgumentError, ValueError, TypeError):
+        pass
+    found |= {unquote(secret) for secret in found}
+    return {secret for secret in found if secret and secret != MASK}
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (a driver's error, say) with the URL and every secret of ``url`` masked wherever they occur.
+
+    A driver may quote the URL, the decoded password or a query value anywhere in its message;
+    replacing the secrets themselves masks them in every form the message can take.
+    """
+    text = text.replace(url, redact(url))
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _SECRET_QUERY.sub(rf"\1{MASK}", text)
 
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def cannot_open(url: str, exc: BaseException) -> UserError:
+    """The one line for a storage that cannot be opened: the driver's reason, every secret masked."""
+    return UserError(f"cannot open storage {redact(url)}: {redact_text(_first_line(exc), url)}")
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -83,18 +158,44 @@ def check_storage_url(url: str, *, create_parent: bool) -> Path | None:
     return path
 
 
-def _is_sqlite_without_optuna_tables(path: Path) -> bool:
-    """A SQLite file that holds other tables and none of Optuna's: somebody else's database."""
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of a SQLite file, read without writing (an empty or missing file has none)."""
     import sqlite3
 
     if not path.exists() or path.stat().st_size == 0:
-        return False
+        return set()
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError:
         raise UserError(f"storage {path} is not a SQLite database") from None
-    return bool(tables) and "studies" not in tables
+
+
+def _refuse_foreign_sqlite(path: Path) -> None:
+    """A SQLite file that holds other tables and none of Optuna's is somebody else's database."""
+    tables = _sqlite_tables(path)
+    if tables and "studies" not in tables:
+        raise UserError(f"storage {path} is a SQLite database of something else, not an Optuna storage")
+
+
+def _database_tables(url: str) -> set[str]:
+    """The tables of a server database (PostgreSQL, MySQL), listed with SQLAlchemy's inspector alone.
+
+    Optuna's ``RDBStorage`` creates its tables on opening; a reader looks first, so listing or
+    serving a database of something else (or an empty one) never writes to it.
+    """
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+        try:
+            with engine.connect() as connection:
+                return set(inspect(connection).get_table_names())
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise cannot_open(url, exc) from None
 
 
 def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool = False) -> optuna.storages.RDBStorage:
@@ -102,8 +203,8 @@ def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool 
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     sqlite_file = check_storage_url(url, create_parent=create_parent)
-    if sqlite_file is not None and _is_sqlite_without_optuna_tables(sqlite_file):
-        raise UserError(f"storage {sqlite_file} is a SQLite database of something else, not an Optuna storage")
+    if sqlite_file is not None:
+        _refuse_foreign_sqlite(sqlite_file)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if sqlite_file is not None:
         engine_kwargs = {"connect_args": {"timeout": 60}}
@@ -126,20 +227,38 @@ def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool 
                 # the losers see "duplicate key" / "already exists" and succeed on a retry.
                 racing = any(word in str(exc) for word in ("already exists", "duplicate", "Duplicate"))
                 if not racing or attempt == TABLE_RACE_RETRIES:
-                    raise UserError(f"cannot open storage {redact(url)}: {redact(_first_line(exc))}") from None
+                    raise cannot_open(url, exc) from None
                 time.sleep(0.5 * (attempt + 1))
             except (SQLAlchemyError, ImportError, ValueError) as exc:
-                raise UserError(f"cannot open storage {redact(url)}: {redact(_first_line(exc))}") from None
+                raise cannot_open(url, exc) from None
     raise AssertionError("unreachable")
 
 
 def open_existing_storage(url: str | None) -> tuple[optuna.storages.BaseStorage | None, str]:
-    """Open a storage for reading; a SQLite file that does not exist yet is not created (None)."""
+    """Open a storage for reading, or None when it holds no study yet; reading never writes.
+
+    A SQLite file that does not exist is not created, and a database without Optuna's tables (an
+    empty file, a PostgreSQL database of other tables) does not get them: Optuna would create both.
+    """
     url = url or default_storage_url()
     sqlite_file = sqlite_path(url)
-    if sqlite_file is not None and not sqlite_file.exists():
+    if sqlite_file is not None:
+        if not sqlite_file.exists():
+            return None, url
+        if sqlite_file.is_dir():
+            raise UserError(f"storage {sqlite_file} is not a file")
+        _refuse_foreign_sqlite(sqlite_file)
+        tables = _sqlite_tables(sqlite_file)
+    else:
+        tables = _database_tables(url)
+    if not OPTUNA_TABLES <= tables:
         return None, url
     return open_storage(url), url
+
+
+def no_studies_in(url: str) -> str:
+    """What a reader says of a storage that holds no study (missing, empty, or of other tables)."""
+    return f"no kdsearch studies in {redact(url)}"
 
 
 def is_kdsearch_study(study: optuna.Study) -> bool:
@@ -151,7 +270,9 @@ def load_existing_study(storage_url: str | None, study_name: str) -> tuple[optun
     """A kdsearch study that exists; anything else (no storage, no study, a plain Optuna one) is a user error."""
     storage, url = open_existing_storage(storage_url)
     if storage is None:
-        raise UserError(f"no study named {study_name!r} in {redact(url)}: the storage file does not exist yet")
+        sqlite_file = sqlite_path(url)
+        why = "the storage file does not exist yet" if sqlite_file and not sqlite_file.exists() else "it holds none"
+        raise UserError(f"no study named {study_name!r} in {redact(url)}: {why}")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
