@@ -301,11 +301,15 @@ def _confirm_lines(summary: dict[str, Any]) -> list[str]:
 @cli.command()
 @options(StudiesSettings)
 def studies(**values: Any) -> None:
-    """List studies: method, dataset, trials by state, best value."""
+    """List studies: method, dataset, trials by state, best value. Listing never writes to the storage."""
     from kdsearch.export import format_rows, list_studies
+    from kdsearch.storage import no_studies_in
 
     settings = build(StudiesSettings, values)
-    click.echo(format_rows(list_studies(settings.storage), settings.format))
+    rows, url = list_studies(settings.storage)
+    if not rows and settings.format != "table":
+        log(no_studies_in(url))  # stdout stays the empty list a script parses
+    click.echo(format_rows(rows, settings.format, empty=no_studies_in(url)))
 
 
 @cli.command()

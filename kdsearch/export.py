@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.artifacts import download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import __version__
 from kdsearch.config import KNOBS, RunConfig
 from kdsearch.errors import ConfigError, UserError, about
-from kdsearch.fsutil import atomic_write, read_structured_file, refuse_overwriting_inputs
+from kdsearch.fsutil import PlannedFile, dump_yaml, read_structured_file, refuse_overwriting_inputs, write_together
 from kdsearch.paths import artifact_root
 from kdsearch.storage import (
     ArtifactDirectory,
@@ -38,11 +38,14 @@ from kdsearch.storage import (
 EXPORT_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
-    """One row per study: name, method, dataset, trial counts by state, best value."""
-    storage, _ = open_existing_storage(storage_url)
+def list_studies(storage_url: str | None) -> tuple[list[dict[str, Any]], str]:
+    """One row per study (name, method, dataset, trial counts by state, best value), and the storage's URL.
+
+    Listing never writes: a storage that does not exist, or holds no Optuna tables, lists nothing.
+    """
+    storage, url = open_existing_storage(storage_url)
     if storage is None:
-        return []
+        return [], url
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -57,17 +60,17 @@ def list_studies(storage_url: str | None) -> list[dict[str, Any]]:
         if len(study.directions) == 1 and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             row["best_value"] = study.best_value
         rows.append(row)
-    return rows
+    return rows, url
 
 
-def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
-    """``table`` (aligned columns), ``json`` or ``yaml``, as Optuna's own CLI offers."""
+def format_rows(rows: list[dict[str, Any]], fmt: str, empty: str = "no studies") -> str:
+    """``table`` (aligned columns, or ``empty`` for no rows), ``json`` or ``yaml``, as Optuna's own CLI offers."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "yaml":
-        return yaml.safe_dump(rows, sort_keys=False).rstrip()
+        return dump_yaml(rows).rstrip()
     if not rows:
-        return "no studies"
+        return empty
     columns = list(rows[0])
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -208,20 +211,17 @@ def export_study(
     """Write (or return, without ``output``) the best trials' configs; optionally fetch checkpoints.
 
     ``pareto`` exports every Pareto-optimal trial of a multi-objective study; then ``checkpoint`` is
-    a folder receiving ``trial-<n>.pt`` for each. Every path is checked before anything is written,
-    and no output may be the storage or another output.
+    a folder receiving ``trial-<n>.pt`` for each. Every path is checked before anything is written:
+    no output may be the storage, another output, or lie in the study's data folder. The config and
+    the checkpoints are written together (``fsutil.write_together``): all of them, or none and the
+    files already there untouched.
     """
     if output is not None and Path(output).suffix not in EXPORT_SUFFIXES:
         raise ConfigError("output", f"{output} must end in .yaml, .yml or .json")
     if pareto and checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
         raise ConfigError("checkpoint", f"{checkpoint} must be a folder with {{pareto}}")
     study, url = load_existing_study(storage_url, study_name)
-    storage_file = check_storage_url(url, create_parent=False)
-    with about("output"):
-        refuse_overwriting_inputs({"output": output}, (storage_file, checkpoint))
-    if not pareto:
-        with about("checkpoint"):
-            refuse_overwriting_inputs({"checkpoint": checkpoint}, (storage_file, output))
+    inputs = (check_storage_url(url, create_parent=False), study.user_attrs.get("data_dir"))
     summary: dict[str, Any] = {}
     if pareto:
         trials = pareto_front(study)
@@ -230,39 +230,39 @@ def export_study(
     else:
         summary = confirmation(study, url)
         trials = confirmed_first(study, best_trials(study, top), summary, top)
-    configs = [trial_config(study, t, url, summary) for t in trials]
-    document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
-    as_json = output is not None and output.endswith(".json")
-    text = json.dumps(document, indent=2) if as_json else yaml.safe_dump(document, sort_keys=False)
     chosen = (trials if pareto else trials[:1]) if checkpoint is not None else []
+    targets = [Path(str(checkpoint)) / f"trial-{t.number}.pt" if pareto else Path(str(checkpoint)) for t in chosen]
+    with about("output"):
+        refuse_overwriting_inputs({"output": output}, inputs, others=targets)
+    for target in targets:
+        with about("checkpoint"):
+            refuse_overwriting_inputs({"checkpoint": target}, inputs, others=(output,))
     missing = [t.number for t in chosen if t.user_attrs.get("artifact_id") is None]
     if missing:
         raise UserError(f"trials {missing} of {study_name!r} kept no checkpoint artifact")
-    written: list[Path] = []
-    try:
-        for trial in chosen:
-            assert checkpoint is not None
-            target = Path(checkpoint) / f"trial-{trial.number}.pt" if pareto else Path(checkpoint)
-            fetch_artifact(trial.user_attrs["artifact_id"], target)
-            written.append(target)
-        if output is not None:
-            atomic_write(output, lambda tmp: tmp.write_text(text))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+    configs = [trial_config(study, t, url, summary) for t in trials]
+    document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
+    as_json = output is not None and output.endswith(".json")
+    text = json.dumps(document, indent=2) if as_json else dump_yaml(document)
+    files: list[PlannedFile] = [
+        ("checkpoint", target, _artifact_writer(trial.user_attrs["artifact_id"]))
+        for trial, target in zip(chosen, targets, strict=True)
+    ]
+    if output is not None:
+        files.append(("output", output, lambda tmp: tmp.write_text(text)))
+    write_together(files)
     return text
 
 
-def fetch_artifact(artifact_id: str, target: Path) -> None:
-    """Download an artifact atomically to ``target``."""
+def _artifact_writer(artifact_id: str) -> Callable[[Path], None]:
+    """Write an artifact's bytes to a temporary file (``write_together`` renames it into place)."""
     store = ArtifactDirectory()
 
     def fetch(tmp: Path) -> None:
-        tmp.unlink()  # optuna refuses to overwrite; atomic_write still renames into place
-        download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
+        tmp.unlink()  # optuna refuses to overwrite a file
+        try:
+            download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
+        except ArtifactNotFound:
+            raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
 
-    try:
-        atomic_write(target, fetch)
-    except ArtifactNotFound:
-        raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
+    return fetch

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.export import best_trials, confirm_table, confirmation
-from kdsearch.fsutil import atomic_write, refuse_overwriting_inputs
+from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
 from kdsearch.storage import load_existing_study, pareto_front, sqlite_path
 from kdsearch.strategies import METHODS, get_strategy
 
@@ -32,7 +32,7 @@ def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]
     if len(study.directions) == 1:
         return {
             "optimization_history": lambda: module.plot_optimization_history(study, target_name=names[0]),
-            "intermediate_values": lambda: module.plot_intermediate_values(study),
+            "intermediate_values": lambda: _intermediate_values(study, module),
             "param_importances": lambda: module.plot_param_importances(study, target_name=names[0]),
             "parallel_coordinate": lambda: module.plot_parallel_coordinate(study, target_name=names[0]),
         }
@@ -50,16 +50,33 @@ def _plot_calls(study: optuna.Study, module: Any) -> dict[str, Callable[[], Any]
     }
 
 
+def _intermediate_values(study: optuna.Study, module: Any) -> Any:
+    """The per-epoch curves, or ``ValueError`` (a skipped plot, with its reason) when no trial has any.
+
+    A ``-confirm`` study's runs report no epochs; Optuna would draw an empty plot and log a warning
+    about pruning, which does not apply to them.
+    """
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        raise ValueError("no trial reported a value per epoch")
+    return module.plot_intermediate_values(study)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the plots' experimental notices and warnings (PED-ANOVA's reminder: we negate accuracy)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna's and matplotlib's notes on small or multi-objective studies (too few trials for a
-        # plot, a target needed…) would break the one-line promise; a plot that cannot be drawn is
-        # listed with its reason instead.
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+    """Silence the plots' experimental notices, warnings and log lines (PED-ANOVA's reminder: we negate
+    accuracy), and matplotlib's, drawn or saved (``tight_layout`` warns at ``savefig``)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Optuna's and matplotlib's notes on small or multi-objective studies (too few trials for
+            # a plot, a target needed, margins too small for a long label…) would break the one-line
+            # promise; a plot that cannot be drawn is listed with its reason instead.
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _best_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -82,14 +99,15 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     if Path(output).suffix not in (".html", ".htm"):
         raise ConfigError("output", f"{output} must end in .html")
     study, url = load_existing_study(storage_url, study_name)
+    inputs = (sqlite_path(url), study.user_attrs.get("data_dir"))
     with about("output"):
-        refuse_overwriting_inputs({"output": output}, (sqlite_path(url),))
+        refuse_overwriting_inputs({"output": output}, inputs)
     if png_dir is not None:
         folder = Path(png_dir)
         if folder.exists() and not folder.is_dir():
             raise ConfigError("png", f"{png_dir} is a file, not a folder")
         with about("png"):
-            refuse_overwriting_inputs({"png": folder / "plot.png"}, ())
+            refuse_overwriting_inputs({"png": folder / "plot.png"}, inputs, others=(output,))
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise UserError(f"study {study_name!r} has no completed trial to report on")
     import optuna.visualization as plotly_plots
@@ -126,10 +144,11 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}</style></head><body>"
         f"{header}<h2>best trials</h2>{table}\n" + "\n".join(sections) + "</body></html>\n"
     )
-    atomic_write(output, lambda tmp: tmp.write_text(document))
-    pngs: list[str] = []
+    files: list[PlannedFile] = [("output", output, lambda tmp: tmp.write_text(document))]
     if png_dir is not None:
-        pngs = _write_pngs(study, Path(png_dir), skipped)
+        files += _png_writers(study, Path(png_dir), skipped)
+    write_together(files)
+    pngs = [str(path) for _, path, _ in files[1:]]
     return {"report": output, "plots": drawn, "skipped": skipped, "png": pngs, "best_trials": rows}
 
 
@@ -172,23 +191,33 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _write_pngs(study: optuna.Study, folder: Path, skipped: dict[str, str]) -> list[str]:
+def _png_writers(study: optuna.Study, folder: Path, skipped: dict[str, str]) -> list[PlannedFile]:
+    """One writer per plot drawn in the HTML: each draws its matplotlib figure into the file it is given.
+
+    They run inside ``write_together`` with the HTML's, so a PNG that cannot be written leaves no
+    report half-done (the HTML, the other PNGs, and the files already there stay as they were).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as mpl_plots
 
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, draw in _plot_calls(study, mpl_plots).items():
-        if name in skipped:
-            continue
-        with _quiet():
-            result = draw()
-        figure = (result.flat[0] if hasattr(result, "flat") else result).figure
-        path = folder / f"{name}.png"
-        atomic_write(path, lambda tmp, figure=figure: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-        plt.close(figure)
-        written.append(str(path))
-    return written
+    def writer(draw: Callable[[], Any]) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            import matplotlib.pyplot as plt
+
+            with _quiet():
+                result = draw()
+                figure = (result.flat[0] if hasattr(result, "flat") else result).figure
+                try:
+                    figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+                finally:
+                    plt.close(figure)
+
+        return write
+
+    return [
+        ("png", folder / f"{name}.png", writer(draw))
+        for name, draw in _plot_calls(study, mpl_plots).items()
+        if name not in skipped
+    ]
