@@ -20,7 +20,7 @@ from torch import nn
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DataConfig, RunConfig
 from kdsearch.data import TensorSplits, splits_for
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
@@ -208,9 +208,10 @@ def run_training(
 ) -> dict[str, Any]:
     """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
     if out is not None:
-        refuse_overwriting_inputs(
-            {"out": out}, (config.models.teacher, config.models.student_init, config.data.data_dir)
-        )
+        with about("out"):
+            refuse_overwriting_inputs(
+                {"out": out}, (config.models.teacher, config.models.student_init, config.data.data_dir)
+            )
     prepared = prepare(config, progress=progress, log=log)
     result = train_student(prepared, progress=progress)
     test = evaluate(result.model, prepared.splits.test, prepared.device)
@@ -231,7 +232,8 @@ def run_training(
         "train_images": len(prepared.splits.train),
     }
     if out is not None:
-        refuse_overwriting_inputs({"out": out}, (str(prepared.teacher_path) if prepared.teacher_path else None,))
+        with about("out"):
+            refuse_overwriting_inputs({"out": out}, (str(prepared.teacher_path) if prepared.teacher_path else None,))
         save_checkpoint(out, result.model, student_metadata(prepared, result) | {"test_accuracy": test})
         summary["checkpoint"] = str(out)
     return summary
