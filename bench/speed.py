@@ -203,8 +203,9 @@ class TimedStorage:
 
 def study_seconds(data_dir: str, teacher: Path, trials: int, n_jobs: int, timed: bool) -> dict[str, Any]:
     from kdsearch import study as search
-    from kdsearch.config import RunConfig, SearchConfig
+    from kdsearch.config import RunConfig
     from kdsearch.distill import prepare
+    from kdsearch.search_config import SearchConfig
 
     folder = Path(tempfile.mkdtemp(prefix="kdsearch-bench-"))
     url = f"sqlite:///{folder / 'bench.db'}"

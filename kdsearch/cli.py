@@ -30,11 +30,11 @@ from kdsearch.config import (
     ModelsConfig,
     RecipeConfig,
     RunConfig,
-    SearchConfig,
     file_key,
 )
 from kdsearch.errors import RunFailedError, Terminated, UserError, raise_terminated, speak
 from kdsearch.knobs import knobs_of
+from kdsearch.search_config import SearchConfig
 from kdsearch.settings import (
     ConfirmSettings,
     DashboardSettings,

@@ -25,12 +25,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import RECIPE_SPACE, RunConfig, SearchConfig
+from kdsearch.config import RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, prepare, train_student
 from kdsearch.errors import ConfigError, DivergedError, UserError
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
 from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
+from kdsearch.search_config import SearchConfig
 from kdsearch.settings import HAND_SET
 from kdsearch.storage import load_existing_study, open_storage, redact
 from kdsearch.strategies import get_strategy

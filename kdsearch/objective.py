@@ -22,10 +22,10 @@ from optuna.trial import TrialState
 from torch import nn
 
 from kdsearch.checkpoints import save_checkpoint
-from kdsearch.config import OBJECTIVES
 from kdsearch.distill import Prepared, StudentResult, student_metadata, train_student
 from kdsearch.errors import DivergedError
 from kdsearch.loop import EpochReport, predict
+from kdsearch.search_config import OBJECTIVES
 from kdsearch.spaces import Space, pinned, suggest
 from kdsearch.storage import ArtifactDirectory
 

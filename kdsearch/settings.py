@@ -19,9 +19,9 @@ from kdsearch.config import (
     ModelsConfig,
     RecipeConfig,
     RunConfig,
-    SearchConfig,
 )
 from kdsearch.knobs import Section, knob, same
+from kdsearch.search_config import SearchConfig
 
 # The baseline every confirmation compares with: the tutorial's hand-set config of the study's method.
 HAND_SET = "hand-set"

@@ -27,11 +27,12 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from kdsearch import __version__
-from kdsearch.config import MAX_SEED, OBJECTIVES, RunConfig, SearchConfig
+from kdsearch.config import MAX_SEED, RunConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
 from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
 from kdsearch.objective import Objective
 from kdsearch.progress import TrialProgress
+from kdsearch.search_config import OBJECTIVES, SearchConfig
 from kdsearch.spaces import Space, baseline_params, build_space, grid_of, parse_assignments
 from kdsearch.storage import (
     ArtifactDirectory,

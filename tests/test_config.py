@@ -19,11 +19,11 @@ from kdsearch.config import (
     ModelsConfig,
     RecipeConfig,
     RunConfig,
-    SearchConfig,
 )
 from kdsearch.errors import ConfigError, UserError, speak
 from kdsearch.export import trial_config
 from kdsearch.knobs import knobs_of
+from kdsearch.search_config import SearchConfig
 from kdsearch.study import identity_keys
 from tests.helpers import run_cli
 

@@ -14,10 +14,11 @@ import yaml
 
 from kdsearch.cli import _confirm_lines, cli
 from kdsearch.cli_options import flag
-from kdsearch.config import KNOBS, RunConfig, SearchConfig, migrate
+from kdsearch.config import KNOBS, RunConfig, migrate
 from kdsearch.confirm import HEARTBEAT_SECONDS, _enqueue, run_of
 from kdsearch.errors import MENTION, ConfigError, UserError
 from kdsearch.export import confirm_table
+from kdsearch.search_config import SearchConfig
 from kdsearch.settings import EvaluateSettings
 from kdsearch.storage import pareto_front
 from tests.helpers import run_cli
