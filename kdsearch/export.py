@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import __version__
 from kdsearch.config import KNOBS, RunConfig
 from kdsearch.errors import ConfigError, UserError, about
-from kdsearch.fsutil import PlannedFile, dump_yaml, read_structured_file, refuse_overwriting_inputs, write_together
+from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
 from kdsearch.paths import artifact_root
 from kdsearch.storage import (
     ArtifactDirectory,
@@ -34,6 +34,7 @@ from kdsearch.storage import (
     pareto_front,
     redact,
 )
+from kdsearch.structured import dump_yaml, read_structured_file
 
 EXPORT_SUFFIXES = (".yaml", ".yml", ".json")
 

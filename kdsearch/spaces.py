@@ -25,7 +25,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from kdsearch.config import KNOBS, RECIPE_SPACE, RecipeConfig
 from kdsearch.errors import ConfigError, UserError
-from kdsearch.fsutil import read_structured_file
+from kdsearch.structured import read_structured_file
 
 if TYPE_CHECKING:
     from kdsearch.strategies import Strategy
