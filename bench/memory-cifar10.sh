@@ -1,9 +1,17 @@
 #!/bin/bash
-# Peak memory of one kd epoch on CIFAR-10: the old data path (float32 splits in RAM) and the new (uint8, mapped),
-# each first with empty caches (decode and teacher outputs built) and then with the caches warm.
-set -e
-ARGS="train --method kd --dataset imagefolder --data-dir ../shared/datasets/cifar10-jpeg --epochs 1 --teacher bench/teachers/deepnn-cifar10-jpeg-strong-val5000.pt --device cpu -q"
-for run in "cold" "warm"; do
-  cd /work/before && KDSEARCH_HOME=/work/mem-home-before PYTHONPATH=/work/before /work/main/.venv/bin/python /work/main/bench/memory.py --label "kd, 1 epoch, float32 splits (2b0bfda), caches $run" -- kdsearch $ARGS
-  cd /work/after && KDSEARCH_HOME=/work/mem-home-after PYTHONPATH=/work/after /work/main/.venv/bin/python /work/main/bench/memory.py --label "kd, 1 epoch, uint8 memory-mapped (7eb9b35), caches $run" -- kdsearch $ARGS
+# Peak memory of one kd epoch on CIFAR-10 for two checkouts of kdsearch (say the float32 data path of 2b0bfda
+# and a later one), each first with empty caches (decode and teacher outputs built), then with them warm.
+#   bash bench/memory-cifar10.sh OLD_CHECKOUT OLD_LABEL NEW_CHECKOUT NEW_LABEL   (rows in bench/results/memory.json)
+set -euo pipefail
+BENCH="$(cd "$(dirname "$0")" && pwd)"
+DATA="${SHARED_CIFAR:-$BENCH/../../shared/datasets/cifar10-jpeg}"
+ARGS=(train --method kd --dataset imagefolder --data-dir "$DATA" --epochs 1 --device cpu -q
+      --teacher "$BENCH/teachers/deepnn-cifar10-jpeg-strong-val5000.pt")
+HOMES="$(mktemp -d)"
+for run in cold warm; do
+  for side in old new; do
+    if [ "$side" = old ]; then tree="$1"; label="$2"; else tree="$3"; label="$4"; fi
+    (cd "$tree" && KDSEARCH_HOME="$HOMES/$side" PYTHONPATH="$tree" python "$BENCH/memory.py" \
+      --label "kd, 1 epoch, $label, caches $run" -- kdsearch "${ARGS[@]}")
+  done
 done
