@@ -101,6 +101,7 @@ def test_a_folder_of_grayscale_images_stays_one_channel(tmp_path: Path) -> None:
     assert decode_dataset("imagefolder", tmp_path).train_images.shape == (6, 1, 20, 20)
 
 
+@pytest.mark.slow
 def test_a_mixed_folder_trains_with_an_image_size_on_the_command_line(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,6 +70,7 @@ class RecordingLogitsLoss(nn.Module):
         return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)
 
 
+@pytest.mark.slow
 def test_cached_crop_views_equal_a_live_teacher_on_the_same_crops(
     pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:
@@ -87,6 +88,7 @@ def test_cached_crop_views_equal_a_live_teacher_on_the_same_crops(
         assert not any(row.contiguous().numpy().tobytes() in plain for row in images)  # every row is a crop
 
 
+@pytest.mark.slow
 def test_crops_train_a_logit_method_and_are_refused_for_feature_methods(
     pattern_teacher: Path, pattern_folder: Path, home: Path
 ) -> None:

@@ -144,6 +144,7 @@ def test_a_zoo_teacher_distils_into_a_zoo_student(
     assert result["teacher_sha256"] is not None and result["config"]["models"]["student_model"] == student
 
 
+@pytest.mark.slow
 def test_student_init_starts_the_student_from_weights_and_refuses_a_misfit_before_any_work(
     pattern_folder: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -160,6 +161,7 @@ def test_student_init_starts_the_student_from_weights_and_refuses_a_misfit_befor
     assert not (home / "teachers").exists()  # refused before the default teacher was trained
 
 
+@pytest.mark.slow
 def test_a_quick_run_trains_a_teacher_on_its_own_rows_named_for_them(
     pattern_folder: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
