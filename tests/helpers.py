@@ -29,6 +29,7 @@ from kdsearch.config import KNOBS, RecipeConfig, RunConfig
 from kdsearch.data import Split, TensorSplits
 from kdsearch.distill import Prepared, StudentResult, build_student, train_student
 from kdsearch.loop import EpochReport, fit, prepare_module
+from kdsearch.losses import LossInputs
 from kdsearch.losses.ce import CrossEntropy
 from kdsearch.models import LightNN, count_parameters
 from kdsearch.spaces import default_space
@@ -281,3 +282,30 @@ class StubTrainer:
         monkeypatch.setattr(kdsearch.confirm, "train_student", self.train_student)
         monkeypatch.setattr(kdsearch.confirm, "evaluate", self.evaluate)
         return self
+
+
+class RecordingStudent(nn.Module):
+    """A tiny student that keeps every training batch it is fed (the images after augmentation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(images.detach().clone())
+        return self.head(images.mean(dim=(2, 3)))
+
+
+class RecordingLogitsLoss(nn.Module):
+    """Cross-entropy that keeps the teacher logits the loop paired with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher_logits: list[torch.Tensor] = []
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        assert inputs.teacher_logits is not None and inputs.teacher_features is None
+        self.teacher_logits.append(inputs.teacher_logits.clone())
+        return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)

@@ -26,7 +26,16 @@ from kdsearch.teacher import load_teacher
 from kdsearch.teacher_outputs import TeacherOutputs, compute_teacher_outputs
 from kdsearch.views import IDENTITY, MIRRORED, SHIFT_VIEWS, View
 from kdsearch.weighted_sum import build_loss
-from tests.helpers import CPU, TEST_DEVICE, fit_tiny, outputs_of, pattern_config, train_with
+from tests.helpers import (
+    CPU,
+    TEST_DEVICE,
+    RecordingLogitsLoss,
+    RecordingStudent,
+    fit_tiny,
+    outputs_of,
+    pattern_config,
+    train_with,
+)
 
 FEATURE_SHAPES = LossShapes((16, 8, 8), (32, 8, 8))
 
@@ -338,20 +347,6 @@ def test_recipe_values_are_checked_where_the_recipe_is_built(knob: str, value: A
         RecipeConfig(**{knob: value})
 
 
-class RecordingStudent(nn.Module):
-    """A tiny student that keeps every training batch it is fed (the images after augmentation)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(3, 10)
-        self.batches: list[torch.Tensor] = []
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.batches.append(images.detach().clone())
-        return self.head(images.mean(dim=(2, 3)))
-
-
 class RecordingLoss(nn.Module):
     """Cross-entropy that keeps the teacher outputs the loop paired with each batch."""
 
@@ -416,19 +411,6 @@ def test_a_student_trained_on_flipped_or_shifted_views_beats_chance(
     config = pattern_config(pattern_folder, pattern_teacher, method="kd", augment=augment, epochs=epochs)
     result = train_student(prepare(config))
     assert result.config.recipe.augment == augment and result.val_accuracy is not None and result.val_accuracy > 30
-
-
-class RecordingLogitsLoss(nn.Module):
-    """Cross-entropy that keeps the teacher logits the loop paired with each batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.teacher_logits: list[torch.Tensor] = []
-
-    def forward(self, inputs: LossInputs) -> torch.Tensor:
-        assert inputs.teacher_logits is not None and inputs.teacher_features is None
-        self.teacher_logits.append(inputs.teacher_logits.clone())
-        return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)
 
 
 def test_a_shift_view_moves_the_image_and_fills_with_zeros() -> None:

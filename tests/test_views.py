@@ -6,16 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from kdsearch.data import load_splits
 from kdsearch.distill import prepare, train_student
 from kdsearch.errors import ConfigError, UserError
-from kdsearch.losses import LossInputs
 from kdsearch.teacher import load_teacher
 from kdsearch.teacher_outputs import compute_teacher_outputs
 from kdsearch.views import CROP_RATIO, CROP_SCALE, CropView, crop_boxes, views_of
-from tests.helpers import CPU, fit_tiny, outputs_of, pattern_config
+from tests.helpers import CPU, RecordingLogitsLoss, RecordingStudent, fit_tiny, outputs_of, pattern_config
 
 
 def test_crop_boxes_are_seeded_inside_the_image_and_half_mirrored() -> None:
@@ -43,31 +41,6 @@ def test_a_crop_view_resamples_each_image_at_its_own_box() -> None:
     assert torch.allclose(crops[1], torch.zeros(1, 16, 16), atol=1e-6)  # inside the dark right half (mirrored)
     assert views_of("crops:3", 10) == tuple(CropView(k, 3, 10) for k in range(3))
     assert views_of(("none", "crops:2"), 10)[0].name == "identity"
-
-
-class RecordingStudent(nn.Module):
-    """A tiny student that keeps every training batch it is fed (the images after augmentation)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(3, 10)
-        self.batches: list[torch.Tensor] = []
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.batches.append(images.detach().clone())
-        return self.head(images.mean(dim=(2, 3)))
-
-
-class RecordingLogitsLoss(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.teacher_logits: list[torch.Tensor] = []
-
-    def forward(self, inputs: LossInputs) -> torch.Tensor:
-        assert inputs.teacher_logits is not None
-        self.teacher_logits.append(inputs.teacher_logits.clone())
-        return nn.functional.cross_entropy(inputs.student_logits, inputs.labels)
 
 
 @pytest.mark.slow
