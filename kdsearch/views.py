@@ -14,6 +14,7 @@ augmentation that contains a view (identity is in all three) shares its cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -95,8 +96,12 @@ class CropView:
         return torch.where(mirrored.view(-1, 1, 1, 1), crops.flip(-1), crops)
 
 
+@functools.lru_cache(maxsize=4)
 def crop_boxes(rows: int, count: int, seed: int) -> Tensor:
-    """(rows, count, 5) crop boxes as fractions of the image, drawn from one seeded generator."""
+    """(rows, count, 5) crop boxes as fractions of the image, drawn from one seeded generator.
+
+    Cached: the K views of one augmentation each take their column of the same table (never written).
+    """
     generator = torch.Generator().manual_seed(seed)
     draws = torch.rand(rows, count, 5, generator=generator, dtype=torch.float64)
     area = CROP_SCALE[0] + draws[..., 0] * (CROP_SCALE[1] - CROP_SCALE[0])
