@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -103,11 +103,13 @@ def compute_teacher_outputs(
     teacher.eval()
     logits: list[Tensor] = []
     features: list[Tensor] = []
+    chunks: Iterable[tuple[Tensor, Tensor | None]]
     if isinstance(images, Split):
         chunks = images.chunks_with_rows(batch_size)
-    else:
-        given = rows if rows is not None else torch.zeros(len(images), dtype=torch.int64)
-        chunks = zip(images.split(batch_size), given.to(images.device).split(batch_size), strict=True)
+    elif rows is not None:
+        chunks = zip(images.split(batch_size), rows.to(images.device).split(batch_size), strict=True)
+    else:  # a per-image view then refuses, rather than using some other row's boxes
+        chunks = ((chunk, None) for chunk in images.split(batch_size))
     with ExitStack() as stack:
         tap = stack.enter_context(FeatureTap(teacher, layer)) if layer else None
         for chunk, chunk_rows in chunks:
