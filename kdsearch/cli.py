@@ -231,19 +231,25 @@ def _layer_lines(r: dict[str, Any]) -> list[str]:
 def optimize(ctx: click.Context, **values: Any) -> None:
     """Search a method's hyperparameters with Optuna; the best student is kept as an artifact.
 
+    --method auto (or a list, kd,dkd,ce) searches across methods in one study: the method is a
+    parameter, each method's own parameters are drawn only for it, and ce is the study's own control.
+
     --trials N runs N trials in this invocation (split over --n-jobs workers); with --total, workers
     on any number of hosts pointed at one --storage stop when the study holds N finished trials.
     A recipe knob the methods search (--lr, --optimizer, --augment…) given here is pinned, as with --fix.
     """
+    from kdsearch.strategies import methods_of
     from kdsearch.study import run_search
 
     pinned = given_on_command_line(ctx, list(RECIPE_SPACE))
     search_values = {name: values[name] for name, _ in knobs_of(SearchConfig)}
     search_values["fix"] = (*search_values["fix"], *(f"{name}={values[name]}" for name in pinned))
     search = build(SearchConfig, search_values)
-    config = RunConfig.read({name: values[name] for name in RUN_FIELDS})
+    # --method auto or a list (kd,dkd,ce): one study across them; the config names the first.
+    methods = methods_of(values["method"])
+    config = RunConfig.read({name: values[name] for name in RUN_FIELDS} | {"method": methods[0]})
     printing = build(Printing, values)
-    summary = run_search(config, search, progress=not printing.quiet, log=log)
+    summary = run_search(config, search, methods=methods, progress=not printing.quiet, log=log)
     emit(
         summary,
         printing.json,
@@ -281,7 +287,14 @@ def confirm(**values: Any) -> None:
 
     s, printing = build(ConfirmSettings, values), build(Printing, values)
     summary = run_confirm(
-        s.storage, s.study_name, top=s.top, seeds=s.seeds, against=s.against, progress=not printing.quiet, log=log
+        s.storage,
+        s.study_name,
+        top=s.top,
+        seeds=s.seeds,
+        against=s.against,
+        race=s.race,
+        progress=not printing.quiet,
+        log=log,
     )
     emit(summary, printing.json, _confirm_lines)
 

@@ -200,7 +200,12 @@ class LossConfig(Section):
     them (``kdsearch.strategies``).
     """
 
-    method: str = knob("kd", "The distillation method.", choices=METHODS)
+    method: str = knob(
+        "kd",
+        "The distillation method; optimize also takes auto (every method) or a list (kd,dkd,ce): one study "
+        "across them.",
+        choices=METHODS,
+    )
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -257,11 +262,16 @@ class RunConfig(Section):
     def with_values(self, values: Mapping[str, Any]) -> RunConfig:
         """A copy with knobs and method hyperparameters replaced by name (a trial's params, ``--hp``).
 
-        Names of knobs go to their section; every other name is one of the method's own.
+        Names of knobs go to their section; every other name is one of the method's own. A
+        ``method`` (a trial of a study across methods) switches the method: its values start from that
+        method's tutorial ones, not the old method's.
         """
         changes: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-        params = dict(self.loss.params)
+        method = str(values.get("method", self.method))
+        params = dict(self.loss.params) if method == self.method else {}
         for name, value in values.items():
+            if name == "method":
+                continue
             if name in SECTION_OF:
                 changes[SECTION_OF[name]][name] = value
             else:
@@ -269,7 +279,7 @@ class RunConfig(Section):
         sections = {
             s: dataclasses.replace(getattr(self, s), **c) if c else getattr(self, s) for s, c in changes.items()
         }
-        return dataclasses.replace(self, **sections, loss=LossConfig(self.method, params))
+        return dataclasses.replace(self, **sections, loss=LossConfig(method, params))
 
     @classmethod
     def read(cls, document: Mapping[str, Any]) -> RunConfig:

@@ -51,22 +51,27 @@ def prepare(
     config: RunConfig,
     *,
     augmentations: tuple[str, ...] | None = None,
+    methods: tuple[str, ...] = (),
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Prepared:
     """Load the data and the teacher's cached outputs once for all runs of ``config``.
 
     ``augmentations`` are those the runs may use (a search passes its space's choices; default:
-    the one ``config`` names): the teacher's outputs are cached for all their views.
+    the one ``config`` names): the teacher's outputs are cached for all their views. ``methods``
+    are those the runs may use (a study across methods; default: ``config``'s): the teacher is
+    loaded when any of them needs it, its features kept when any compares features.
     """
-    strategy = get_strategy(config.method)
+    strategies = [get_strategy(m) for m in methods or (config.method,)]
+    uses_teacher = any(s.uses_teacher for s in strategies)
+    feature_methods = [s.name for s in strategies if s.uses_features]
     device = resolve_device(config.device)
     check_precision(config.recipe.precision, device)
     data = config.data
     splits = splits_for(data).to(device)
     if config.models.student_init is not None:
         build_student(config, splits)  # weights that do not fit fail now, not after a teacher has trained
-    if not strategy.uses_teacher:
+    if not uses_teacher:
         return Prepared(config, device, splits)
     models = config.models
     if models.teacher is not None:
@@ -81,16 +86,16 @@ def prepare(
     # The tapped layer is cached even for logit-only methods (when the teacher has it), so one
     # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
     has_layer = models.teacher_layer in dict(teacher.model.named_modules())
-    layer = models.teacher_layer if strategy.uses_features or has_layer else None
+    layer = models.teacher_layer if feature_methods or has_layer else None
     views = views_of(augmentations if augmentations is not None else config.recipe.augment, splits.train.population)
-    if strategy.uses_features and not set(views) <= set(FEATURE_VIEWS):
+    if feature_methods and not set(views) <= set(FEATURE_VIEWS):
         raise ConfigError(
             "augment",
-            f"shift and crops are for logit methods: {config.method} compares hidden features, whose cache for "
-            "many views would not fit in memory; use flip (or none) with feature methods",
+            f"shift and crops are for logit methods: {', '.join(feature_methods)} compare hidden features, whose "
+            "cache for many views would not fit in memory; use flip (or none) with feature methods",
         )
     cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, views)
-    outputs = cached.outputs if strategy.uses_features else cached.outputs.without_features()
+    outputs = cached.outputs if feature_methods else cached.outputs.without_features()
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
 
 
@@ -131,9 +136,11 @@ def loss_shapes(prepared: Prepared, student: nn.Module, config: RunConfig) -> Lo
     return LossShapes(student_shape, tuple(prepared.teacher.features[0].shape[1:]))
 
 
-def check_loss_shapes(prepared: Prepared) -> None:
-    """Build the method's feature terms once, so unmatched layers fail before any trial runs."""
+def check_loss_shapes(prepared: Prepared, method: str | None = None) -> None:
+    """Build the method's (default: the config's) feature terms once, so unmatched layers fail before any trial."""
     config = prepared.config
+    if method is not None and method != config.method:
+        config = config.with_values({"method": method})
     strategy = get_strategy(config.method)
     if strategy.uses_features:
         student = build_student(config, prepared.splits).to(prepared.device)

@@ -92,9 +92,12 @@ def trial_run_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
     """The run a trial was: the study's knobs with the trial's pinned and searched values, its seed.
 
     Pinned values are the trial's ``pinned`` attribute (``fixed_params`` in studies of older versions).
+    In a study across methods the trial's ``method`` parameter says which method it ran.
     """
     attrs = study.user_attrs
     base = {key: attrs[key] for key in ("method", *KNOBS) if key in attrs}
+    if "method" in trial.params:  # a study across methods: the trial's own method
+        base["method"] = trial.params["method"]
     config = RunConfig.from_flat(base, origin=f"of study {study.study_name!r}")
     pinned = trial.user_attrs.get("pinned", trial.user_attrs.get("fixed_params", {}))
     config = config.with_values({**pinned, **trial.params})
@@ -169,9 +172,12 @@ def confirm_table(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[s
     One row per config over the same seeds (chosen and baseline marked; test accuracy only for
     those), then the chosen config's paired test differences to each baseline.
     """
+    seeds = len(summary["seeds"])
     rows = [
         {
-            "config": row["arm"] + (" (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else ""),
+            "config": row["arm"]
+            + (" (chosen)" if row["chosen"] else " (baseline)" if row["baseline"] else "")
+            + (f" (raced out after {_seeds(row['seeds_run'])})" if row.get("seeds_run", seeds) < seeds else ""),
             "validation % (mean)": row["val_mean"],
             "test % (mean)": statistics.fmean(row["test_runs"]) if row["test_runs"] else None,
             "params": row["params"],
@@ -183,6 +189,10 @@ def confirm_table(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[s
         for arm, c in summary["chosen_minus"].items()
     ]
     return rows, differences
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed" + ("s" if count != 1 else "")
 
 
 def confirmed_first(

@@ -3,7 +3,8 @@
 A trial suggests values from the space, runs the shared training loop with ``trial.report`` /
 ``should_prune`` after every epoch, and, when it beats every finished trial so far (or, with
 several objectives, no finished trial dominates it), uploads the student's weights and config as
-an Optuna artifact.
+an Optuna artifact. In a study across methods each method keeps its own best student, so the best
+of every method can be exported and confirmed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kdsearch.distill import Prepared, StudentResult, student_metadata, train_st
 from kdsearch.errors import DivergedError
 from kdsearch.loop import EpochReport, predict
 from kdsearch.search_config import OBJECTIVES
-from kdsearch.spaces import Space, pinned, suggest
+from kdsearch.spaces import METHOD, Space, is_conditional, suggest
 from kdsearch.storage import ArtifactDirectory
 
 LATENCY_WARMUP = 10
@@ -53,12 +54,13 @@ class Objective:
         return len(self.objectives) > 1
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        config = self.prepared.config.with_values(suggest(trial, self.space))
+        values = suggest(trial, self.space)
+        config = self.prepared.config.with_values(values)
         trial.set_user_attr("seed", config.recipe.seed)
         # Pinned values are not trial params; recorded here so export rebuilds this trial exactly even
-        # when another run of the same study pinned something else. Not "fixed_params": Optuna
-        # keeps an enqueued trial's values under that name.
-        trial.set_user_attr("pinned", pinned(self.space))
+        # when another run of the same study pinned something else (and, across methods, only this
+        # trial's method's). Not "fixed_params": Optuna keeps an enqueued trial's values under that name.
+        trial.set_user_attr("pinned", {name: value for name, value in values.items() if name not in trial.params})
         accuracies: list[float] = []
         seconds: list[float] = []
 
@@ -93,10 +95,16 @@ class Objective:
         return chosen if self.multi else chosen[0]
 
     def _is_best_so_far(self, trial: optuna.Trial, values: tuple[float, ...]) -> bool:
-        """Better than every finished trial (single objective), or dominated by none (several)."""
+        """Better than every finished trial (single objective), or dominated by none (several).
+
+        Across methods, "every finished trial" is every finished trial of the same method.
+        """
         signs = [1.0 if OBJECTIVES[name] == "maximize" else -1.0 for name in self.objectives]
         mine = [s * v for s, v in zip(signs, values, strict=True)]
-        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        others = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if is_conditional(self.space):
+            others = [t for t in others if t.params.get(METHOD) == trial.params.get(METHOD)]
+        for other in others:
             theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
             if all(t >= m for t, m in zip(theirs, mine, strict=True)) and (
                 not self.multi or any(t > m for t, m in zip(theirs, mine, strict=True))

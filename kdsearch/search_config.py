@@ -14,7 +14,7 @@ from kdsearch.errors import ConfigError
 from kdsearch.knobs import Section, knob
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
-PRUNERS = ("median", "hyperband", "percentile", "none")
+PRUNERS = ("asha", "median", "hyperband", "percentile", "none")
 # Objectives and their directions: validation accuracy, student parameters, latency (ms per image).
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "latency": "minimize"}
 MAX_STUDY_NAME = 128
@@ -70,9 +70,20 @@ class SearchConfig(Section):
         low=0,
         high=MAX_SEED,
     )
-    pruner: str = knob("median", "median, hyperband, percentile or none.", choices=PRUNERS)
-    pruner_startup: int = knob(5, "Trials completed before pruning starts.", low=0, high=1_000_000)
-    pruner_warmup: int | None = knob(None, "Epochs before a trial can be pruned [default: epochs/4].", kind=int, low=0)
+    pruner: str = knob(
+        "asha",
+        "asha (successive halving on epochs: rungs at epochs r, 3r, 9r…, a third promoted at each), median, "
+        "hyperband, percentile or none.",
+        choices=PRUNERS,
+    )
+    pruner_startup: int = knob(5, "Trials completed before median/percentile pruning starts.", low=0, high=1_000_000)
+    pruner_warmup: int | None = knob(
+        None,
+        "Epochs before a trial can be pruned: asha's first rung r [default: epochs/5], median/percentile's "
+        "warm-up [default: epochs/4].",
+        kind=int,
+        low=0,
+    )
     space: str | None = knob(
         None,
         "Search-space YAML/JSON (see studies/spaces/); overrides the method's defaults.",

@@ -124,7 +124,14 @@ class ConfirmSettings(Section):
     against: str = knob(
         HAND_SET,
         f"The baseline, besides the hand-set config: {HAND_SET} alone, or the name of a study (a CE control) whose "
-        "best config is re-trained with the same seeds.",
+        "best config is re-trained with the same seeds. A study across methods is compared with its own best ce "
+        "trial (control-ce) instead of a hand-set config.",
+    )
+    race: bool = knob(
+        True,
+        "Race the candidates over seeds (successive halving: the better half goes on to twice the seeds; the "
+        "baselines get every seed) and reuse search trials that already are a run; --no-race runs every seed of "
+        "every candidate.",
     )
 
 

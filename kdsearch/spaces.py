@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -30,7 +31,7 @@ from kdsearch.structured import read_structured_file
 if TYPE_CHECKING:
     from kdsearch.strategies import Strategy
 
-Space = dict[str, Any]  # name → a distribution, or a constant
+Space = dict[str, Any]  # name → a distribution, a constant, or (``method``) the Arms of a study across methods
 # The student's width multiplier, searched when the student's size is an objective.
 WIDTH_SPACE = FloatDistribution(0.25, 2.0, log=True)
 # Points per float parameter when --sampler grid must discretise a continuous range.
@@ -38,13 +39,44 @@ GRID_POINTS = 4
 # A grid is enumerated up front; past this many points it would exhaust memory long before it ran.
 MAX_GRID_POINTS = 100_000
 MAX_CHOICES = 1000
+# The key of a study's space under which a study across methods keeps its Arms.
+METHOD = "method"
+
+
+@dataclass(frozen=True)
+class Arms:
+    """The method as a categorical and each method's own parameters conditional on it (define-by-run).
+
+    A study across methods has ``space["method"] = Arms(...)`` beside the shared recipe knobs: a
+    trial draws the method first, then the recipe, then only its method's parameters, so a trial's
+    parameters never hold another method's.
+    """
+
+    spaces: dict[str, Space]  # method → its own parameters (distributions or pins)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.spaces)
+
+
+def is_conditional(space: Space) -> bool:
+    return isinstance(space.get(METHOD), Arms)
+
+
+def methods_in(space: Space) -> tuple[str, ...] | None:
+    """The methods a study across methods draws from; None for a one-method space."""
+    arms = space.get(METHOD)
+    return arms.methods if isinstance(arms, Arms) else None
 
 
 def space_to_dict(space: Space) -> dict[str, Any]:
-    """The file form of a space (inverse of ``parse_parameters``)."""
+    """The file form of a space (inverse of ``parse_parameters``); a study across methods nests each
+    method's under ``method: {type: conditional, arms: {kd: {...}, ...}}``."""
     out: dict[str, Any] = {}
     for name, param in space.items():
-        if isinstance(param, FloatDistribution):
+        if isinstance(param, Arms):
+            out[name] = {"type": "conditional", "arms": {m: space_to_dict(sub) for m, sub in param.spaces.items()}}
+        elif isinstance(param, FloatDistribution):
             out[name] = {"type": "float", "low": param.low, "high": param.high, "log": param.log}
         elif isinstance(param, IntDistribution):
             out[name] = {"type": "int", "low": param.low, "high": param.high, "step": param.step, "log": param.log}
@@ -118,12 +150,12 @@ def parse_parameters(data: object) -> Space:
 
 
 def load_space_file(path: str | os.PathLike[str], method: str) -> Space:
-    """Read a space file; a ``method`` key, if present, must name the method being searched."""
+    """Read a space file; a ``method`` key, if present, must name the method (or ``auto``, the list) searched."""
     data = read_structured_file(path, "search-space file")
     unknown = set(data) - {"method", "parameters"}
     if unknown:
         raise UserError(f"search-space file {path} has unknown keys {sorted(unknown)}; expected method, parameters")
-    if "method" in data and data["method"] != method:
+    if "method" in data and str(data["method"]).replace(" ", "") != method:
         raise UserError(f"search-space file {path} is for method {data['method']!r}, not {method!r}")
     return parse_parameters(data.get("parameters"))
 
@@ -214,6 +246,57 @@ def build_space(
     return space
 
 
+def build_methods_space(
+    strategies: list[Strategy], label: str, space_file: str | None, fixes: dict[str, Any], *, search_width: bool = False
+) -> Space:
+    """The space of a study across methods: the recipe's knobs shared, each method's own under ``Arms``.
+
+    A name in the user's file or pins applies to the recipe when it is a recipe knob, else to every
+    method that has it; a name no method has is an error, as in a one-method study. A parameter that
+    several methods share (``temperature``) must have the same kind and choices in each: Optuna keeps
+    one distribution per name in a study.
+    """
+    shared: Space = dict(RECIPE_SPACE) | ({"width": WIDTH_SPACE} if search_width else {})
+    own = {s.name: dict(s.space) for s in strategies}
+    layers = {"space": load_space_file(space_file, label)} if space_file is not None else {}
+    layers["fix"] = dict(fixes)
+    for field, layer in layers.items():
+        if "width" in layer and not search_width:
+            raise ConfigError(
+                field, "sets width, which is searched only with a size objective ({objectives} accuracy,params)"
+            )
+        for name, param in layer.items():
+            if name in shared:
+                check_layer(strategies[0], {name: param}, shared)
+                shared[name] = param
+                continue
+            having = [s for s in strategies if name in s.params]
+            if not having:
+                known = ", ".join(sorted(set(shared).union(*(s.params for s in strategies)) - {"ce_weight"}))
+                raise UserError(f"search space: no method of {label} has a parameter {name!r}; known: {known}")
+            for strategy in having:
+                check_layer(strategy, {name: param}, own[strategy.name])
+                own[strategy.name][name] = param
+    _check_shared_names(own)
+    return {METHOD: Arms(own), **shared}
+
+
+def _check_shared_names(own: dict[str, Space]) -> None:
+    seen: dict[str, tuple[str, BaseDistribution]] = {}
+    for method, space in own.items():
+        for name, param in space.items():
+            if not isinstance(param, BaseDistribution):
+                continue
+            if name in seen:
+                first, other = seen[name]
+                if type(other) is not type(param) or (isinstance(param, CategoricalDistribution) and param != other):
+                    raise UserError(
+                        f"search space: {name} is searched differently by {first} and {method}; give both one space"
+                    )
+            else:
+                seen[name] = (method, param)
+
+
 def holds(param: Any, value: Any) -> bool:
     """Whether a distribution can produce ``value``."""
     if isinstance(param, (FloatDistribution, IntDistribution)):
@@ -236,8 +319,23 @@ def baseline_params(strategy: Strategy, space: Space) -> dict[str, Any]:
     return {name: values[name] for name, param in space.items() if name in values and holds(param, values[name])}
 
 
+def methods_baselines(space: Space) -> list[dict[str, Any]]:
+    """A study across methods starts with every method's hand-set config: ``ce`` is the study's control."""
+    arms = space[METHOD]
+    assert isinstance(arms, Arms)
+    from kdsearch.strategies import get_strategy
+
+    shared = {name: param for name, param in space.items() if name != METHOD}
+    return [
+        {METHOD: method, **baseline_params(get_strategy(method), shared | arms.spaces[method])}
+        for method in arms.methods
+    ]
+
+
 def grid_of(space: Space) -> dict[str, list[Any]]:
     """Every searched parameter's grid points; a grid too large to enumerate is a user error."""
+    if is_conditional(space):
+        raise ConfigError("sampler", "grid enumerates one fixed space; a study across methods needs tpe or random")
     grid: dict[str, list[Any]] = {}
     for name, param in space.items():
         if isinstance(param, FloatDistribution):
@@ -260,10 +358,17 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
 
 
 def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
-    """Sample every distribution of ``space``; constants pass through (recorded as trial attributes)."""
+    """Sample every distribution of ``space``; constants pass through (recorded as trial attributes).
+
+    In a study across methods the method is drawn first and then only that method's parameters.
+    """
     values: dict[str, Any] = {}
     for name, param in space.items():
-        if isinstance(param, FloatDistribution):
+        if isinstance(param, Arms):
+            method = str(trial.suggest_categorical(name, list(param.methods)))
+            values[name] = method
+            values |= suggest(trial, param.spaces[method])
+        elif isinstance(param, FloatDistribution):
             values[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
         elif isinstance(param, IntDistribution):
             values[name] = trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
@@ -272,8 +377,3 @@ def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
         else:
             values[name] = param
     return values
-
-
-def pinned(space: Space) -> dict[str, Any]:
-    """The constants of a space: values a study's runs fix rather than search."""
-    return {name: value for name, value in space.items() if not isinstance(value, BaseDistribution)}

@@ -33,7 +33,16 @@ from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
 from kdsearch.objective import Objective
 from kdsearch.progress import TrialProgress
 from kdsearch.search_config import OBJECTIVES, SearchConfig
-from kdsearch.spaces import Space, baseline_params, build_space, grid_of, parse_assignments
+from kdsearch.spaces import (
+    Space,
+    baseline_params,
+    build_methods_space,
+    build_space,
+    grid_of,
+    is_conditional,
+    methods_baselines,
+    parse_assignments,
+)
 from kdsearch.storage import (
     ArtifactDirectory,
     check_storage_url,
@@ -44,30 +53,51 @@ from kdsearch.storage import (
     pareto_front,
     redact,
 )
-from kdsearch.strategies import get_strategy
+from kdsearch.strategies import AUTO, METHODS, get_strategy
 
 # Seconds a worker gets to close its running trial after Ctrl-C/SIGTERM before it is killed.
 WORKER_GRACE_SECONDS = 20.0
 
 
 def make_sampler(name: str, seed: int | None, space: Space) -> optuna.samplers.BaseSampler:
-    """TPE (multivariate, constant liar for parallel workers), random, CMA-ES or grid."""
+    """TPE (multivariate, constant liar for parallel workers), random, CMA-ES or grid.
+
+    Across methods TPE models each method's parameters as their own group (``group=True``), the way
+    Optuna's TPE handles a define-by-run space; CMA-ES and grid need one fixed space and refuse it.
+    """
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    conditional = is_conditional(space)
+    if conditional and name == "cmaes":
+        raise ConfigError("sampler", "cmaes samples one fixed space; a study across methods needs tpe or random")
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(
             seed=seed, warn_independent_sampling=False, independent_sampler=optuna.samplers.TPESampler(seed=seed)
         )
     if name == "grid":
         return optuna.samplers.GridSampler(grid_of(space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    if not conditional:
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is experimental
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
+        )
 
 
 def make_pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
-    """Median by default: no pruning in the first trials or before the warm-up epochs; none for several objectives."""
-    warm = max(0, epochs // 4) if search.pruner_warmup is None else search.pruner_warmup
+    """ASHA by default (README "Choosing the sampler and pruner"); none for several objectives.
+
+    ASHA's rungs sit at epochs r, 3r, 9r… (r = epochs/5: 2 and 6 of a 10-epoch run); at each, a
+    trial goes on only when it is in the best third of the trials that reached it. Median and
+    percentile prune nothing in the first trials or before their warm-up epochs.
+    """
     if search.multi_objective or search.pruner == "none":
         return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
+    if search.pruner == "asha":
+        first_rung = max(1, epochs // 5) if search.pruner_warmup is None else max(1, search.pruner_warmup)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
+    warm = max(0, epochs // 4) if search.pruner_warmup is None else search.pruner_warmup
     if search.pruner == "percentile":
         return optuna.pruners.PercentilePruner(25.0, n_startup_trials=search.pruner_startup, n_warmup_steps=warm)
     if search.pruner == "hyperband":
@@ -95,22 +125,49 @@ def identity_keys(config: RunConfig) -> tuple[str, ...]:
     return ("objectives", "data_fingerprint", "teacher_sha256", *config.identity())
 
 
-def study_attributes(prepared: Prepared, space: Space, objectives: tuple[str, ...]) -> dict[str, Any]:
-    """Everything `export` needs to rebuild a run from the study alone: the config's knobs and provenance."""
+def study_attributes(
+    prepared: Prepared, space: Space, objectives: tuple[str, ...], methods: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Everything `export` needs to rebuild a run from the study alone: the config's knobs and provenance.
+
+    A study across methods records ``method`` as its label (``auto``, ``kd,dkd``) and ``methods``;
+    each trial's method is then its ``method`` parameter.
+    """
     config = prepared.config
     attrs = config.flat()
+    if len(methods) > 1:
+        attrs |= {"method": method_label(methods), "methods": list(methods), "hyperparameters": {}}
     attrs["data_dir"] = str(Path(config.data.data_dir).resolve()) if config.data.data_dir else None
     attrs["teacher"] = str(prepared.teacher_path.resolve()) if prepared.teacher_path else None
     return attrs | {
         "data_fingerprint": prepared.splits.fingerprint,
         "teacher_sha256": prepared.teacher_checksum,
         "objectives": list(objectives),
-        "search_space": {
-            name: distribution_to_json(p) if isinstance(p, BaseDistribution) else p for name, p in space.items()
-        },
+        "search_space": _space_json(space),
         "teacher_saw_validation": teacher_saw_validation(prepared),
         "kdsearch_version": __version__,
     }
+
+
+def _space_json(space: Space) -> dict[str, Any]:
+    """A space as JSON for the study's attributes: Optuna's distribution JSON, arms nested by method."""
+    from kdsearch.spaces import Arms
+
+    return {
+        name: (
+            {"arms": {m: _space_json(sub) for m, sub in p.spaces.items()}}
+            if isinstance(p, Arms)
+            else distribution_to_json(p)
+            if isinstance(p, BaseDistribution)
+            else p
+        )
+        for name, p in space.items()
+    }
+
+
+def method_label(methods: tuple[str, ...]) -> str:
+    """How a study across methods is named and listed: ``auto`` for every method, else the list."""
+    return AUTO if set(methods) == set(METHODS) else ",".join(methods)
 
 
 def load_or_create_study(
@@ -169,6 +226,11 @@ class SearchPlan:
     storage_url: str
     space: Space
     sampler_seed: int
+    methods: tuple[str, ...] = ()  # a study across methods: its arms (the space's ``method``)
+
+    @property
+    def across_methods(self) -> bool:
+        return len(self.methods) > 1
 
     def augmentations(self) -> tuple[str, ...]:
         """The augmentations trials may draw, so the teacher's outputs are cached for their views."""
@@ -188,18 +250,29 @@ class SearchPlan:
         return make_pruner(self.search, self.config.recipe.epochs)
 
 
-def plan_search(config: RunConfig, search: SearchConfig) -> SearchPlan:
-    """Validate everything that can be checked without data: the space, the sampler's grid, the storage URL."""
+def plan_search(config: RunConfig, search: SearchConfig, methods: tuple[str, ...] = ()) -> SearchPlan:
+    """Validate everything that can be checked without data: the space, the sampler's grid, the storage URL.
+
+    ``methods`` (two or more) makes it one study across those methods, ``config.method`` among them.
+    """
     if config.data.val_size <= 0:
         raise ConfigError("val_size", "must be positive: a search needs a validation split to choose on")
-    strategy = get_strategy(config.method)
     fixes = parse_assignments(search.fix, "fix")
-    space = build_space(strategy, search.space, fixes, search_width=search.multi_objective)
+    if len(methods) > 1:
+        if "method" in fixes:
+            raise ConfigError("fix", "cannot pin method in a study across methods; pass that one method as {method}")
+        strategies = [get_strategy(m) for m in methods]
+        label = method_label(methods)
+        space = build_methods_space(strategies, label, search.space, fixes, search_width=search.multi_objective)
+    else:
+        label, methods = config.method, ()
+        space = build_space(get_strategy(config.method), search.space, fixes, search_width=search.multi_objective)
     url = search.storage or default_storage_url()
     # Without --sampler-seed each process draws its own, so two `optimize` processes on one study
     # (another host, or a second terminal) never propose the same trials.
     seed = search.sampler_seed if search.sampler_seed is not None else random.SystemRandom().randrange(MAX_SEED)
-    plan = SearchPlan(config, search, search.study_name or f"{config.method}-{config.data.dataset}", url, space, seed)
+    name = search.study_name or f"{label}-{config.data.dataset}"
+    plan = SearchPlan(config, search, name, url, space, seed, methods)
     plan.sampler(0)  # a grid too large to enumerate fails here, before anything is created
     if search.storage is not None:
         check_storage_url(url, create_parent=False)
@@ -207,7 +280,12 @@ def plan_search(config: RunConfig, search: SearchConfig) -> SearchPlan:
 
 
 def run_search(
-    config: RunConfig, search: SearchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None
+    config: RunConfig,
+    search: SearchConfig,
+    *,
+    methods: tuple[str, ...] = (),
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`kdsearch optimize`: validate everything, then open the study and run its trials.
 
@@ -215,15 +293,16 @@ def run_search(
     study's total of finished (complete or pruned) trials, whoever runs them. With ``baseline``, a
     new study's first trial is the tutorial's hand-set config (``spaces.baseline_params``).
     """
-    plan = plan_search(config, search)
+    plan = plan_search(config, search, methods)
     storage_url_given = search.storage is not None
     # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
-    prepared = prepare(config, augmentations=plan.augmentations(), progress=progress, log=log)
-    check_loss_shapes(prepared)
+    prepared = prepare(config, augmentations=plan.augmentations(), methods=plan.methods, progress=progress, log=log)
+    for method in plan.methods or (config.method,):
+        check_loss_shapes(prepared, method)
     storage = open_storage(plan.storage_url, heartbeat=search.heartbeat, create_parent=not storage_url_given)
     # The progress bar replaces per-trial log lines; a failing trial's error reaches the user anyway.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    attrs = study_attributes(prepared, plan.space, search.objective_names)
+    attrs = study_attributes(prepared, plan.space, search.objective_names, plan.methods)
     study = load_or_create_study(storage, plan.study_name, attrs, identity_keys(config), plan.sampler(0), plan.pruner())
     if attrs["teacher_saw_validation"] and log is not None:
         # Fields are mentioned as {name}: the command line's log says them as its flags.
@@ -233,9 +312,14 @@ def run_search(
             f"`kdsearch teacher {{val_size}} {config.data.val_size}` and pass it as {{teacher}}"
         )
     if search.baseline and search.sampler != "grid" and not study.get_trials(deepcopy=False):
-        # skip_if_exists: two processes starting the same new study enqueue it once.
-        baseline = baseline_params(get_strategy(config.method), plan.space)
-        study.enqueue_trial(baseline, user_attrs={"baseline": "tutorial"}, skip_if_exists=True)
+        # skip_if_exists: two processes starting the same new study enqueue it once. Across methods,
+        # every method's hand-set config: ce's is the study's own control.
+        if plan.across_methods:
+            baselines = methods_baselines(plan.space)
+        else:
+            baselines = [baseline_params(get_strategy(config.method), plan.space)]
+        for baseline in baselines:
+            study.enqueue_trial(baseline, user_attrs={"baseline": "tutorial"}, skip_if_exists=True)
     start = time.perf_counter()
     before = sum(counts(study)[k] for k in ("complete", "pruned"))
     bar = TrialProgress(_bar_total(search, before), progress, study, before)
@@ -280,13 +364,13 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, err
     try:
         torch.set_num_threads(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        prepared = prepare(plan.config, augmentations=plan.augmentations())
+        prepared = prepare(plan.config, augmentations=plan.augmentations(), methods=plan.methods)
         storage = open_storage(plan.storage_url, heartbeat=plan.search.heartbeat)
         study = optuna.load_study(
             study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
         )
         if worker > 0:
-            _let_worker_0_take_waiting_trials(study)
+            _let_earlier_workers_claim_first(study, worker)
         run_trials(study, plan.objective(prepared), plan.search, [], trials)
     except KeyboardInterrupt as exc:
         sys.exit(143 if isinstance(exc, Terminated) else 130)
@@ -299,15 +383,22 @@ def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, err
         sys.exit(1)
 
 
-def _let_worker_0_take_waiting_trials(study: optuna.Study, timeout: float = 120.0) -> None:
-    """Hold this worker back until the enqueued baseline trial has been claimed by worker 0.
+def _let_earlier_workers_claim_first(study: optuna.Study, worker: int, timeout: float = 120.0) -> None:
+    """Hold worker k back until the k workers before it have each claimed one of the enqueued trials.
 
-    SQLite has no row locks, so two workers asking for a trial at the same moment could both try to
-    claim the one waiting trial; letting one worker take it first removes the race at the cost of a
-    moment's delay at start-up (bounded, so a stuck worker 0 cannot hold the others forever).
+    SQLite has no row locks, so two workers asking for a trial at the same moment could both claim
+    the same waiting trial. Workers start together, so that moment is the start: staggering the
+    first claims removes it (later claims fall at trial ends, seconds apart). A study across methods
+    starts with one waiting trial per method, so workers do not wait for all of them to be taken.
+    The wait is bounded, so a stuck worker cannot hold the others forever.
     """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    while time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        claimed = sum(t.state != TrialState.WAITING for t in trials if "baseline" in t.user_attrs)
+        if waiting == 0 or claimed >= worker:
+            return
         time.sleep(0.2)
 
 

@@ -111,6 +111,25 @@ class Strategy:
         return 1.0
 
 
+# `optimize --method auto`: one study over every method, ce among them (the study's own control).
+AUTO = "auto"
+
+
+def methods_of(text: str) -> tuple[str, ...]:
+    """The arms of ``--method``: one method, ``auto`` (every method) or a comma list (``kd,dkd,ce``).
+
+    Each name is checked; a list is kept in the user's order without repeats.
+    """
+    if text.strip() == AUTO:
+        return METHODS
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in METHODS:
+            shown = name if len(name) <= 40 else name[:40] + "…"
+            raise ConfigError("method", f"must be {AUTO}, or one or more of {', '.join(METHODS)}, got {shown!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def get_strategy(method: str) -> Strategy:
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
