@@ -53,7 +53,9 @@ def cost(storage: str, study_name: str, epochs_per_run: int = 10) -> dict[str, A
         if t.user_attrs.get("reused_trial") is not None:
             continue  # a confirmation run recorded from a search trial: trained once, counted there
         recorded = t.user_attrs.get("epoch_val_accuracy")
-        epochs += len(recorded) if recorded else len(t.intermediate_values) or (epochs_per_run if t.value is not None else 0)
+        epochs += (
+            len(recorded) if recorded else len(t.intermediate_values) or (epochs_per_run if t.value is not None else 0)
+        )
     seconds = sum(
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in trials

@@ -130,8 +130,8 @@ class ConfirmSettings(Section):
     race: bool = knob(
         True,
         "Race the candidates over seeds (successive halving: the better half goes on to twice the seeds; the "
-        "baselines get every seed) and reuse search trials that already are a run; --no-race runs every seed of "
-        "every candidate.",
+        "baselines get every seed) and reuse search trials that already are a run; off, every candidate runs every "
+        "seed.",
     )
 
 

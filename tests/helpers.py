@@ -235,9 +235,9 @@ class StubTrainer:
     teacher_val_size: int = 50  # the validation rows the teacher was held out of
     runs: list[RunConfig] = field(default_factory=list)
 
-    def prepare(self, config: RunConfig, **_: Any) -> Prepared:
+    def prepare(self, config: RunConfig, *, methods: tuple[str, ...] = (), **_: Any) -> Prepared:
         splits = stub_splits(config.data.val_size, self.fingerprint)
-        if not get_strategy(config.method).uses_teacher:
+        if not any(get_strategy(m).uses_teacher for m in methods or (config.method,)):
             return Prepared(config, CPU, splits)
         outputs = TeacherOutputs((IDENTITY,), (torch.zeros(len(splits.train), 10),), None, None)
         path = Path(config.models.teacher) if config.models.teacher else None
@@ -276,11 +276,13 @@ class StubTrainer:
         import kdsearch.study
 
         monkeypatch.setattr(kdsearch.study, "prepare", self.prepare)
-        monkeypatch.setattr(kdsearch.study, "check_loss_shapes", lambda prepared: None)
+        monkeypatch.setattr(kdsearch.study, "check_loss_shapes", lambda prepared, method=None: None)
         monkeypatch.setattr(kdsearch.objective, "train_student", self.train_student)
         monkeypatch.setattr(kdsearch.confirm, "prepare", self.prepare)
         monkeypatch.setattr(kdsearch.confirm, "train_student", self.train_student)
         monkeypatch.setattr(kdsearch.confirm, "evaluate", self.evaluate)
+        # A reused search trial's student is "tested" as the stub tests a run of its config.
+        monkeypatch.setattr(kdsearch.confirm, "_tested_artifact", lambda prepared, config, artifact: self.test(config))
         return self
 
 

@@ -102,7 +102,7 @@ CASES = {
     "evaluate without model name": (["evaluate", "--checkpoint", "{tmp}/light.pt", *DATA], "--model must be given"),
     "zero trials": ([*OPT, "--method", "kd", "--trials", "0"], "--trials must be at least 1, got 0"),
     "unknown sampler": ([*OPT, "--method", "kd", "--sampler", "bayes"], "bayes"),
-    "unknown pruner": ([*OPT, "--method", "kd", "--pruner", "asha"], "asha"),
+    "unknown pruner": ([*OPT, "--method", "kd", "--pruner", "bohb"], "bohb"),
     "malformed storage url": ([*OPT, "--method", "kd", "--storage", "not a url"], "malformed storage URL"),
     "storage dir missing": (
         [*OPT, "--method", "kd", "--storage", "sqlite:///{tmp}/no/such/dir/x.db"],

@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import TrialState
 
 from kdsearch.config import RunConfig
-from kdsearch.confirm import ConfirmObjective, _enqueue, paired_interval, t_quantile
+from kdsearch.confirm import ConfirmObjective, _enqueue, paired_interval, run_of, t_quantile
 from tests.helpers import (
     POSTGRES_URL,
     StubTrainer,
@@ -64,7 +64,7 @@ def test_confirm_ranks_on_mean_validation_and_compares_the_chosen_one_paired_on_
     arm_of_lr[1e-3] = "hand-set"  # the tutorial's
     stub.val = lambda config: VAL[arm_of_lr[config.recipe.lr]][config.recipe.seed - 42]
     stub.test = lambda config: TEST[arm_of_lr[config.recipe.lr]][config.recipe.seed - 42]
-    summary = confirm(capsys, "--top", "2", "--seeds", "3")
+    summary = confirm(capsys, "--top", "2", "--seeds", "3", "--no-race")
     assert summary["chosen"] == "trial-2" and summary["seeds"] == [42, 43, 44]
     rows = [(r["arm"], r["chosen"], r["baseline"], r["val_mean"], r["test_runs"]) for r in summary["rows"]]
     assert rows == [
@@ -82,11 +82,11 @@ def test_confirm_ranks_on_mean_validation_and_compares_the_chosen_one_paired_on_
     companion = load_study(home, "kd-imagefolder-confirm")
     runs = companion.get_trials()
     assert len(runs) == 9 and all(t.state == TrialState.COMPLETE for t in runs)
-    assert {(t.params["arm"], t.params["seed"]) for t in runs} == {(a, s) for a in VAL for s in (42, 43, 44)}
+    assert {run_of(t) for t in runs} == {(a, s) for a in VAL for s in (42, 43, 44)}
     assert companion.user_attrs["confirms"] == "kd-imagefolder" and companion.user_attrs["summary"] == summary
     # A fourth seed later: only its three runs are trained, the finished ones are kept.
     trained, stamps = len(stub.runs), {t.number: t.datetime_complete for t in runs}
-    assert confirm(capsys, "--top", "2", "--seeds", "4")["chosen"] == "trial-2"
+    assert confirm(capsys, "--top", "2", "--seeds", "4", "--no-race")["chosen"] == "trial-2"
     again = load_study(home, "kd-imagefolder-confirm").get_trials()
     assert len(stub.runs) == trained + 3 and len(again) == 12
     assert {t.number: t.datetime_complete for t in again[:9]} == stamps
@@ -126,7 +126,7 @@ def test_confirm_trains_every_run_and_export_and_report_say_what_it_found(
     companion = load_study(home, "kd-imagefolder-confirm")
     trials = companion.get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)  # (2 configs + hand-set) x 2
-    assert {(t.params["arm"], t.params["seed"]) for t in trials} == {
+    assert {run_of(t) for t in trials} == {
         (arm, seed)
         for arm in ("hand-set", *(r["arm"] for r in summary["rows"] if not r["baseline"]))
         for seed in (42, 43)
@@ -185,8 +185,9 @@ def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
     """Waiting runs (left by a killed confirm) are not enqueued again; a copy that slipped in is not trained."""
     study = optuna.create_study(direction="maximize")
     arms = {"trial-0": RunConfig(), "hand-set": RunConfig()}
-    _enqueue(study, arms, [42, 43])
-    _enqueue(study, arms, [42, 43])  # the re-run: every run is still waiting
+    runs = [(arm, seed) for arm in arms for seed in (42, 43)]
+    _enqueue(study, runs)
+    _enqueue(study, runs)  # the re-run: every run is still waiting
     assert sorted(t.user_attrs["enqueued"]["seed"] for t in study.trials) == [42, 42, 43, 43]
     done = optuna.create_trial(
         params={"arm": "trial-0", "seed": 42},
@@ -199,12 +200,13 @@ def test_an_interrupted_confirm_resumes_without_running_any_run_twice() -> None:
     )
     fresh = optuna.create_study(direction="maximize")
     fresh.add_trial(done)
-    fresh.enqueue_trial({"arm": "trial-0", "seed": 42}, user_attrs={"enqueued": True})  # two workers' race
+    # Two workers' race (runs of older versions carry the arm as a parameter and enqueued=True).
+    fresh.enqueue_trial({"seed": 42}, user_attrs={"enqueued": {"arm": "trial-0", "seed": 42}})
     # No data is prepared: a duplicate is turned away before anything trains.
     fresh.optimize(ConfirmObjective(None, arms, [42, 43]), n_trials=1)  # type: ignore[arg-type]
     copy = fresh.trials[1]
     assert copy.state == TrialState.PRUNED and copy.user_attrs["duplicate_of"] == 0
-    _enqueue(fresh, arms, [42])
+    _enqueue(fresh, [(arm, 42) for arm in arms])
     assert [t.user_attrs["enqueued"] for t in fresh.get_trials(states=(TrialState.WAITING,))] == [
         {"arm": "hand-set", "seed": 42}
     ]
@@ -278,7 +280,7 @@ def test_two_confirm_workers_share_one_postgres_study(
         # The worker that runs out of work first waits for the other's runs: both summaries are whole.
         assert summaries[0] == summaries[1] and len(summaries[0]["rows"]) == 3
         runs = optuna.load_study(study_name=f"{name}-confirm", storage=POSTGRES_URL).get_trials()
-        done = {(t.params["arm"], t.params["seed"]) for t in runs if t.state == TrialState.COMPLETE}
+        done = {run_of(t) for t in runs if t.state == TrialState.COMPLETE}
         assert len(done) == 6 and not [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL)]
     finally:
         for study in (name, f"{name}-confirm"):

@@ -176,7 +176,7 @@ def test_defaults_are_read_from_their_declarations() -> None:
 def test_a_confirmation_run_is_known_by_our_own_attribute() -> None:
     """A waiting run's (arm, seed) is read from the user attribute kdsearch set, not Optuna's internals."""
     study = optuna.create_study(direction="maximize")
-    _enqueue(study, {"trial-0": RunConfig()}, [42])
+    _enqueue(study, [("trial-0", 42)])
     (waiting,) = study.get_trials()
     assert waiting.user_attrs["enqueued"] == {"arm": "trial-0", "seed": 42}
     assert run_of(waiting) == ("trial-0", 42)
