@@ -79,19 +79,34 @@ def _quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _best_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The Pareto front of a multi-objective study, else its 10 best trials, ranked as `export` ranks them."""
-    trials = pareto_front(study) if len(study.directions) > 1 else best_trials(study, 10)
+def _best_rows(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> list[dict[str, Any]]:
+    """The Pareto front of a multi-objective study, else its 10 best trials, ranked as `export` ranks them.
+
+    Parameters are shown at readable precision (3 significant digits); the exported config keeps them whole.
+    """
+    if trials is None:
+        trials = pareto_front(study) if len(study.directions) > 1 else best_trials(study, 10)
     names = list(study.metric_names or ["accuracy"])
     return [
         {
             "trial": t.number,
             **{name: value for name, value in zip(names, t.values, strict=True)},
-            "params": t.params,
+            "params": {name: _rounded(value) for name, value in t.params.items()},
             "checkpoint": t.user_attrs.get("artifact_id") or "-",
         }
         for t in trials
     ]
+
+
+def _best_per_method(study: optuna.Study) -> str:
+    """A study across methods: each method's best trial, side by side (best methods first)."""
+    if "methods" not in study.user_attrs or len(study.directions) > 1:
+        return ""
+    firsts: dict[str, FrozenTrial] = {}
+    for trial in best_trials(study, len(study.trials)):
+        firsts.setdefault(str(trial.params.get("method")), trial)
+    rows = [{"method": method, **row} for method, row in zip(firsts, _best_rows(study, list(firsts.values())))]
+    return f"<h2>best trial of each method</h2>{_table(rows)}"
 
 
 def write_report(storage_url: str | None, study_name: str, output: str, png_dir: str | None = None) -> dict[str, Any]:
@@ -130,7 +145,7 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     for name, reason in skipped.items():
         sections.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><p>not drawn: {html.escape(reason)}</p>")
     rows = _best_rows(study)
-    table = _table(rows) + _confirmed_section(confirmation(study, url))
+    table = _table(rows) + _best_per_method(study) + _confirmed_section(confirmation(study, url))
     attrs = study.user_attrs
     header = (
         f"<h1>kdsearch study {html.escape(study.study_name)}</h1><p>method {html.escape(_method(attrs))},"
@@ -155,10 +170,13 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
 def _method(attrs: dict[str, Any]) -> str:
     """The method's name and what it does, in words (a study of an unknown method: the name alone)."""
     name = str(attrs.get("method"))
+    if isinstance(attrs.get("methods"), list):
+        return f"{name} (one study across {', '.join(map(str, attrs['methods']))})"
     return f"{name} ({get_strategy(name).summary})" if name in METHODS else name
 
 
 def _rounded(value: Any) -> Any:
+    """A float at 3 significant digits (an lr of 0.0029925… reads 0.00299); anything else as it is."""
     return float(f"{value:.3g}") if isinstance(value, float) else value
 
 

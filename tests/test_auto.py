@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -247,3 +248,24 @@ def test_a_space_file_for_auto_may_say_so_and_reaches_each_method(tmp_path: Path
             assert (own["temperature"].low, own["temperature"].high) == (1.0, 3.0)
     with pytest.raises(ConfigError, match="sets width"):
         build_methods_space(strategies, "auto", None, {"width": 1.0})
+
+
+def test_the_report_shows_each_methods_best_side_by_side_at_readable_precision(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    racing_stub(stub)
+    assert search("--trials", "9", "--pruner", "none", "--sampler-seed", "2", method="auto")[0] == 0
+    report = home.parent / "report.html"
+    code, _, err = run_cli(["report", "--study-name", "auto-imagefolder", "-o", report], capsys)
+    assert code == 0, err
+    page = report.read_text()
+    assert "method auto (one study across ce, cosine, dkd, hybrid, kd, regressor)" in page
+    section = page.split("<h2>best trial of each method</h2>")[1].split("</table>")[0]
+    rows = section.split("<tr>")[2:]
+    assert [row.split("<td>")[1].split("</td>")[0] for row in rows] == ["kd", "hybrid", "dkd", "regressor", "ce",
+                                                                        "cosine"]  # fmt: skip
+    # No parameter is printed with more than 3 significant digits (a sampled lr has 16).
+    numbers = re.findall(r"&quot;lr&quot;: ([0-9.e-]+)", page)
+    assert len(numbers) >= 9  # the best trials and each method's best
+    for number in numbers:
+        assert len(number.replace("0.", "").replace("-", "").lstrip("0").split("e")[0].replace(".", "")) <= 3
