@@ -105,7 +105,8 @@ def _best_per_method(study: optuna.Study) -> str:
     firsts: dict[str, FrozenTrial] = {}
     for trial in best_trials(study, len(study.trials)):
         firsts.setdefault(str(trial.params.get("method")), trial)
-    rows = [{"method": method, **row} for method, row in zip(firsts, _best_rows(study, list(firsts.values())))]
+    shown = _best_rows(study, list(firsts.values()))
+    rows = [{"method": method, **row} for method, row in zip(firsts, shown, strict=True)]
     return f"<h2>best trial of each method</h2>{_table(rows)}"
 
 
