@@ -6,7 +6,7 @@ SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 # The GPU machine has its own torch and no .venv: bench-gpu runs with whichever python has torch there.
 PYTHON_FOR_GPU ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
 
-.PHONY: setup test test-fast lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-gpu bench-gpu-prepare soak clean
+.PHONY: setup test test-fast lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-efficiency bench-auto bench-gpu bench-gpu-prepare soak clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ lint:
 	$(BIN)/ruff check kdsearch tests bench
 
 # Speed and accuracy targets live here, never in timed tests. The first run trains the teacher (~35 min).
-bench: bench-tutorial bench-speed bench-studies bench-pareto
+bench: bench-tutorial bench-speed bench-studies bench-pareto bench-efficiency bench-auto
 
 bench-tutorial:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/tutorial.py --data-dir $(SHARED_CIFAR)
@@ -40,6 +40,17 @@ bench-speed:
 bench-studies:
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/studies.py --data-dir $(SHARED_CIFAR) --methods ce,kd,dkd,cosine,regressor,hybrid --n-jobs 2 \
 		--teacher bench/teachers/deepnn-cifar10-jpeg-strong-val5000.pt
+
+# Which sampler and pruner: --method auto studies at reduced fidelity (10,000 images, 5 epochs), 3 sampler
+# seeds each for the default (TPE + ASHA), TPE + median, TPE unpruned and random unpruned; resumable,
+# rows in bench/results/efficiency.json, plot in docs/efficiency.png.
+bench-efficiency:
+	cd bench && ../$(BIN)/python efficiency.py --data-dir ../$(SHARED_CIFAR)
+
+# One study across every method and its racing confirm, beside the six per-method studies of
+# bench-studies (same storage, teacher and split); resumable, rows in bench/results/auto.json.
+bench-auto:
+	cd bench && ../$(BIN)/python auto.py --data-dir ../$(SHARED_CIFAR) --n-jobs 2
 
 # Accuracy against size: a 30-trial multi-objective kd study, its Pareto front tested and plotted.
 bench-pareto:
