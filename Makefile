@@ -14,12 +14,14 @@ setup:
 	$(BIN)/pip install -q -e '.[dev,postgres,mysql,timm]'
 
 # Every test; `make test-fast` is the inner loop: all but the end-to-end ones (real trainings, child
-# processes, servers), which are marked slow.
+# processes, servers), which are marked slow. One pytest-xdist worker per core, one torch thread each
+# (tests/conftest.py): the end-to-end tests mostly wait on child processes, so two workers on two
+# cores keep both busy.
 test:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto tests
 
 test-fast:
-	$(BIN)/python -m pytest -q -m 'not slow' tests
+	$(BIN)/python -m pytest -q -n auto -m 'not slow' tests
 
 lint:
 	$(BIN)/ruff check kdsearch tests bench
