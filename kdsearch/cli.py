@@ -147,30 +147,39 @@ def train(ctx: click.Context, **values: Any) -> None:
 
     settings, printing = build(TrainSettings, values), build(Printing, values)
     refuse_overwriting_inputs({flag("out"): settings.out}, (settings.config,))
-    config = RunConfig.read(_train_document(ctx, settings, values))
+    document, teacher_sha256 = _train_document(ctx, settings, values)
+    config = RunConfig.read(document)
     out = Path(settings.out) if settings.out else None
-    result = run_training(config, out=out, progress=not printing.quiet and not printing.json, log=log)
+    result = run_training(
+        config, out=out, progress=not printing.quiet and not printing.json, log=log, teacher_sha256=teacher_sha256
+    )
     emit(result, printing.json, _train_lines)
 
 
-def _train_document(ctx: click.Context, settings: TrainSettings, values: dict[str, Any]) -> dict[str, Any]:
-    """The flat config `train` runs: its options, or its config file with the options given here over it.
+def _train_document(
+    ctx: click.Context, settings: TrainSettings, values: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """The flat config `train` runs: its options, or its config file with the options given here over it;
+    and the checksum of the teacher the file says it was searched with (None: no file, no record, or
+    another --teacher given here).
 
     Values the file set are said as the file's keys in errors, so a run-time error about one (a
     validation split larger than the data) points into the file, not at a flag nobody typed.
     """
-    from kdsearch.export import load_config
+    from kdsearch.export import load_config_and_source
     from kdsearch.spaces import parse_assignments
 
     hp = parse_assignments(settings.hp, "hp")
     if settings.config is None:
-        return {name: values[name] for name in RUN_FIELDS} | {"hyperparameters": hp}
-    base = load_config(settings.config, settings.rank)
+        return {name: values[name] for name in RUN_FIELDS} | {"hyperparameters": hp}, None
+    base, source = load_config_and_source(settings.config, settings.rank)
     given = {name: values[name] for name in given_on_command_line(ctx, list(RUN_FIELDS))}
     say_as(ctx, {n: f"config {settings.config}: {file_key(n)}" for n in RUN_FIELDS if n not in given and n not in hp})
     # Another --method than the file's starts from that method's tutorial values, not the file's.
     kept = dict(base.loss.params) if given.get("method", base.method) == base.method else {}
-    return base.flat() | {"device": base.device} | given | {"hyperparameters": kept | hp}
+    recorded = source.get("teacher_sha256") if "teacher" not in given and "teacher_model" not in given else None
+    document = base.flat() | {"device": base.device} | given | {"hyperparameters": kept | hp}
+    return document, recorded if isinstance(recorded, str) else None
 
 
 def _train_lines(r: dict[str, Any]) -> list[str]:

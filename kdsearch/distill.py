@@ -212,14 +212,25 @@ def run_training(
     out: Path | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result."""
+    """`kdsearch train`: one run, test accuracy, optional student checkpoint; returns the JSON result.
+
+    ``teacher_sha256`` is the teacher a config was searched with: a re-train must distil from the
+    same one, so another file at that path is refused before the student trains.
+    """
     if out is not None:
         with about("out"):
             refuse_overwriting_inputs(
                 {"out": out}, (config.models.teacher, config.models.student_init, config.data.data_dir)
             )
     prepared = prepare(config, progress=progress, log=log)
+    if teacher_sha256 is not None and prepared.teacher_checksum not in (None, teacher_sha256):
+        raise ConfigError(
+            "teacher",
+            f"{prepared.teacher_path} is not the teacher this config was searched with (sha256 "
+            f"{prepared.teacher_checksum[:12]}…, the search's {teacher_sha256[:12]}…); give the search's file",
+        )
     result = train_student(prepared, progress=progress)
     test = evaluate(result.model, prepared.splits.test, prepared.device)
     summary: dict[str, Any] = {

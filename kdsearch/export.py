@@ -136,6 +136,11 @@ def load_config(path: str | Path, rank: int = 1) -> RunConfig:
 
     A file from ``export --top K`` holds ``configs: [...]`` best first; ``rank`` picks one.
     """
+    return load_config_and_source(path, rank)[0]
+
+
+def load_config_and_source(path: str | Path, rank: int = 1) -> tuple[RunConfig, dict[str, Any]]:
+    """``load_config``, and the config's ``source`` block (where an export came from; {} when absent)."""
     data = read_structured_file(path, "config file")
     if "configs" in data:
         configs = data["configs"]
@@ -146,7 +151,8 @@ def load_config(path: str | Path, rank: int = 1) -> RunConfig:
         data = configs[rank - 1]
     elif rank != 1:
         raise ConfigError("rank", f"{rank} is out of range: config file {path} holds one config")
-    return RunConfig.from_dict(data, origin=str(path))
+    source = data.get("source")
+    return RunConfig.from_dict(data, origin=str(path)), dict(source) if isinstance(source, dict) else {}
 
 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:

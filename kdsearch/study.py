@@ -165,6 +165,36 @@ def _space_json(space: Space) -> dict[str, Any]:
     }
 
 
+def changed_choices(recorded: Any, wanted: dict[str, Any]) -> tuple[str, list[Any], list[Any]] | None:
+    """A categorical parameter whose choices differ between a study's recorded space and this run's.
+
+    Optuna refuses a categorical whose choices change within a study (the trial would fail), while
+    numeric ranges may move; so joining a study with other choices is refused before any trial.
+    """
+    if not isinstance(recorded, dict):
+        return None
+    for name, now in wanted.items():
+        before = recorded.get(name)
+        if isinstance(now, dict) and isinstance(before, dict) and "arms" in now and "arms" in before:
+            for method, space in now["arms"].items():
+                found = changed_choices(before["arms"].get(method), space)
+                if found is not None:
+                    return found
+            continue
+        old_choices, new_choices = _choices(before), _choices(now)
+        if old_choices is not None and new_choices is not None and old_choices != new_choices:
+            return name, old_choices, new_choices
+    return None
+
+
+def _choices(distribution: Any) -> list[Any] | None:
+    if isinstance(distribution, str) and "CategoricalDistribution" in distribution:
+        import json
+
+        return list(json.loads(distribution)["attributes"]["choices"])
+    return None
+
+
 def method_label(methods: tuple[str, ...]) -> str:
     """How a study across methods is named and listed: ``auto`` for every method, else the list."""
     return AUTO if set(methods) == set(METHODS) else ",".join(methods)
@@ -192,6 +222,14 @@ def load_or_create_study(
                 "study_name", f"{study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}"
             )
         existing = study.user_attrs
+        changed = changed_choices(existing.get("search_space"), attrs["search_space"])
+        if changed is not None:
+            name, before, now = changed
+            raise ConfigError(
+                "study_name",
+                f"{study_name!r} searched {name} over {before}, not {now}: Optuna keeps one set of choices per study; "
+                "choose another",
+            )
         for key in keys:
             if key in existing and existing[key] != attrs[key]:
                 raise ConfigError(

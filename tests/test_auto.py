@@ -269,3 +269,23 @@ def test_the_report_shows_each_methods_best_side_by_side_at_readable_precision(
     assert len(numbers) >= 9  # the best trials and each method's best
     for number in numbers:
         assert len(number.replace("0.", "").replace("-", "").lstrip("0").split("e")[0].replace(".", "")) <= 3
+
+
+@pytest.mark.parametrize("method", ["kd", "auto"])
+def test_joining_a_study_with_other_categorical_choices_is_refused_before_a_trial(
+    method: str, search, home: Path, tmp_path: Path
+) -> None:
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text("parameters:\n  optimizer: {type: categorical, choices: [adam, sgd]}\n")
+    assert search("--trials", "2", "--space", narrow, "--study-name", "s", method=method)[0] == 0
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("parameters:\n  augment: {type: categorical, choices: [none, flip, shift]}\n")
+    for extra in ((), ("--space", wide)):
+        code, _, err = search("--trials", "1", "--study-name", "s", *extra, method=method)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("kdsearch: error: --study-name 's' searched ") and "choose another" in err
+    trials = load_study(home, "s").get_trials()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    assert not any(t.state == TrialState.FAIL for t in trials)
+    # Numeric ranges may move, and the same choices join as before.
+    assert search("--trials", "1", "--study-name", "s", "--space", narrow, "--lr", "0.002", method=method)[0] == 0

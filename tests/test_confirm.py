@@ -285,3 +285,34 @@ def test_two_confirm_workers_share_one_postgres_study(
     finally:
         for study in (name, f"{name}-confirm"):
             optuna.delete_study(study_name=study, storage=POSTGRES_URL)
+
+
+def test_confirm_survives_a_search_that_moves_on_and_another_top(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optimize → confirm → optimize again (new trials, maybe a new best) → confirm, with other --top: no FAIL."""
+    assert search("--trials", "3", "--sampler-seed", "1")[0] == 0
+    assert confirm(capsys, "--top", "2", "--seeds", "2")["seeds"] == [42, 43]
+    assert search("--trials", "3", "--sampler-seed", "2")[0] == 0
+    for top in ("2", "3", "1"):
+        summary = confirm(capsys, "--top", top, "--seeds", "2")
+        best = max(load_study(home, "kd-imagefolder").get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+        assert f"trial-{best.number}" in {r["arm"] for r in summary["rows"]}
+    runs = load_study(home, "kd-imagefolder-confirm").get_trials()
+    assert not any(t.state == TrialState.FAIL for t in runs)
+    finished = [run_of(t) for t in runs if t.state == TrialState.COMPLETE]
+    assert len(finished) == len(set(finished))
+
+
+def test_seeds_past_the_largest_seed_are_refused_before_any_run(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search("--trials", "1", "--seed", "4294967294")[0] == 0
+    trained = len(stub.runs)
+    code, _, err = run_cli(["confirm", "--study-name", "kd-imagefolder", "--seeds", "5"], capsys)
+    assert code == 2 and err == (
+        "kdsearch: error: --seeds 5 seeds from the study's seed 4294967294 go past 4294967294\n"
+    )
+    assert len(stub.runs) == trained
+    with pytest.raises(KeyError):
+        load_study(home, "kd-imagefolder-confirm")

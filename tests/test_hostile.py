@@ -660,3 +660,29 @@ def test_report_prints_no_library_warning(
         lines = report_stderr(home, "--study-name", name, "-o", tmp_path / f"{name}.html", "--png", tmp_path / name)
         assert lines and all(line.startswith("kdsearch: ") for line in lines), lines
         assert (tmp_path / f"{name}.html").exists() and list((tmp_path / name).glob("*.png"))
+
+
+def test_train_config_refuses_a_teacher_that_is_not_the_searched_one(
+    pattern_folder: Path, untrained_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exported config records the teacher's checksum; another file at that path is refused before training."""
+    import hashlib
+
+    from kdsearch.config import RunConfig
+
+    config = RunConfig.read(
+        {"dataset": "imagefolder", "data_dir": str(pattern_folder), "val_size": 0, "epochs": 1,
+         "teacher": str(untrained_teacher), "method": "kd"}
+    ).to_dict()  # fmt: skip
+    real = hashlib.sha256(untrained_teacher.read_bytes()).hexdigest()
+    for recorded, code_wanted in (("f" * 64, 2), (real, 0)):
+        path = tmp_path / f"best-{recorded[:4]}.yaml"
+        path.write_text(yaml.safe_dump(config | {"source": {"teacher_sha256": recorded}}))
+        code, _, err = run_cli(["train", "--config", str(path), "--json", "-q"], capsys)
+        assert code == code_wanted, err
+        if code_wanted == 2:
+            assert err.count("\n") == 1 and f"config {path}: models.teacher " in err
+            assert "is not the teacher this config was searched with (sha256" in err
+    # Another --teacher given on the command line is the user's choice: no check against the record.
+    path = tmp_path / "best-ffff.yaml"
+    assert run_cli(["train", "--config", str(path), "--teacher", str(untrained_teacher), "-q", "--json"], capsys)[0] == 0
