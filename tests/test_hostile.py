@@ -685,4 +685,5 @@ def test_train_config_refuses_a_teacher_that_is_not_the_searched_one(
             assert "is not the teacher this config was searched with (sha256" in err
     # Another --teacher given on the command line is the user's choice: no check against the record.
     path = tmp_path / "best-ffff.yaml"
-    assert run_cli(["train", "--config", str(path), "--teacher", str(untrained_teacher), "-q", "--json"], capsys)[0] == 0
+    args = ["train", "--config", str(path), "--teacher", str(untrained_teacher), "-q", "--json"]
+    assert run_cli(args, capsys)[0] == 0
