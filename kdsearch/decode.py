@@ -182,7 +182,17 @@ def _decode_fashion_mnist(root: Path) -> DecodedDataset:
 
 
 def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """Classes and ``(path, label, size, mtime_ns)`` per image file, by one scandir per folder."""
+    """Classes and ``(path, label, size, mtime_ns)`` per image file, by one scandir per folder.
+
+    A folder or file that cannot be read (a symlink loop, no permission) is one user error naming it.
+    """
+    try:
+        return _scan_imagefolder(split_dir)
+    except OSError as exc:
+        raise UserError(f"{exc.filename or split_dir} cannot be read: {exc.strerror or exc}") from None
+
+
+def _scan_imagefolder(split_dir: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is missing: an image folder needs train/<class>/ and test/<class>/")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
@@ -326,6 +336,12 @@ def _decode_imagefolder(
     test_classes, test_files = _list_imagefolder(root / "test")
     if test_classes != classes:
         raise UserError(f"{root}/test has classes {test_classes}, but {root}/train has {classes}")
+    trained = {label for _, label, _, _ in train_files}
+    untrained = [name for label, name in enumerate(classes) if label not in trained]
+    if untrained:
+        raise UserError(
+            f"{root}/train/{untrained[0]} holds no image files: every class needs training images"
+        )
     # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy and the size
     # asked for; the dataset's identity is the hash of the decoded pixels, equal for every copy on
     # every host, so workers on several machines agree on the study and the teacher.

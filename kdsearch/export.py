@@ -238,6 +238,11 @@ def export_study(
     if pareto and checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
         raise ConfigError("checkpoint", f"{checkpoint} must be a folder with {{pareto}}")
     study, url = load_existing_study(storage_url, study_name)
+    if "confirms" in study.user_attrs:
+        raise UserError(
+            f"study {study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}; export that "
+            "study (its confirmed winner comes first)"
+        )
     inputs = (check_storage_url(url, create_parent=False), study.user_attrs.get("data_dir"))
     summary: dict[str, Any] = {}
     if pareto:

@@ -28,3 +28,22 @@ def artifact_root() -> Path:
     """``KDSEARCH_ARTIFACTS`` (a folder every worker host mounts, for distributed studies), else
     ``<home>/artifacts``."""
     return Path(os.environ.get("KDSEARCH_ARTIFACTS") or home_dir() / "artifacts")
+
+
+def check_artifact_root() -> Path:
+    """The artifact folder, checked usable (a writable folder, or one that can be made) before a study
+    trains anything; nothing is made here.
+
+    A trial uploads its student after training; a folder found unusable only then would cost the
+    trial, and every trial after it.
+    """
+    root = artifact_root()
+    what = "KDSEARCH_ARTIFACTS" if os.environ.get("KDSEARCH_ARTIFACTS") else "the artifact folder"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {root} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {root} is not writable" + ("" if existing == root else f" ({existing} is not)"))
+    return root

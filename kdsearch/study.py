@@ -31,6 +31,7 @@ from kdsearch.config import MAX_SEED, RunConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
 from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
 from kdsearch.objective import Objective
+from kdsearch.paths import check_artifact_root
 from kdsearch.progress import TrialProgress
 from kdsearch.search_config import OBJECTIVES, SearchConfig
 from kdsearch.spaces import (
@@ -332,6 +333,7 @@ def run_search(
     new study's first trial is the tutorial's hand-set config (``spaces.baseline_params``).
     """
     plan = plan_search(config, search, methods)
+    check_artifact_root()
     storage_url_given = search.storage is not None
     # Data and teacher outputs are prepared (and cached) once here, before any worker starts.
     prepared = prepare(config, augmentations=plan.augmentations(), methods=plan.methods, progress=progress, log=log)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import optuna
 import pytest
 import yaml
+from PIL import Image
 from sqlalchemy.engine import make_url
 
 import kdsearch.export
@@ -687,3 +688,53 @@ def test_train_config_refuses_a_teacher_that_is_not_the_searched_one(
     path = tmp_path / "best-ffff.yaml"
     args = ["train", "--config", str(path), "--teacher", str(untrained_teacher), "-q", "--json"]
     assert run_cli(args, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "read-only"])
+def test_an_unusable_artifact_folder_is_refused_before_any_trial(
+    kind: str, search, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stub: StubTrainer
+) -> None:
+    target = tmp_path / "artifacts"
+    if kind == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        target.mkdir()
+        target.chmod(0o500)
+    else:
+        target.write_text("not a folder")
+        if kind == "under a file":
+            target = target / "inner"
+    monkeypatch.setenv("KDSEARCH_ARTIFACTS", str(target))
+    code, _, err = search("--trials", "1")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"kdsearch: error: KDSEARCH_ARTIFACTS {target} ")
+    assert stub.runs == [] and not (home / "kdsearch.db").exists()
+
+
+def test_image_folder_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class that has test images but no training images; a class folder that is a symlink loop."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+    for split, name in (("train", "cat"), ("test", "cat"), ("test", "dog")):
+        Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+    args = ["train", "--dataset", "imagefolder", "--data-dir", str(root), "--val-size", "0", "--method", "ce", "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert (
+        code == 2
+        and err == f"kdsearch: error: {root}/train/dog holds no image files: every class needs training images\n"
+    )
+    (root / "train" / "dog").rmdir()
+    (root / "train" / "dog").symlink_to(root / "train" / "dog")
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err.startswith(f"kdsearch: error: {root}/train/dog") and err.count("\n") == 1, err
+    (root / "train" / "dog").unlink()
+    (root / "train" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "dog" / "0.png")
+    (root / "train" / "cat" / "loop.png").symlink_to(root / "train" / "cat" / "loop.png")  # a file that is a loop
+    code, _, err = run_cli(args, capsys)
+    assert (
+        code == 2
+        and err.startswith(f"kdsearch: error: {root}/train/cat/loop.png cannot be read: ")
+        and (err.count("\n") == 1)
+    ), err
