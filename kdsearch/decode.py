@@ -339,9 +339,7 @@ def _decode_imagefolder(
     trained = {label for _, label, _, _ in train_files}
     untrained = [name for label, name in enumerate(classes) if label not in trained]
     if untrained:
-        raise UserError(
-            f"{root}/train/{untrained[0]} holds no image files: every class needs training images"
-        )
+        raise UserError(f"{root}/train/{untrained[0]} holds no image files: every class needs training images")
     # The cache is found by a cheap stat fingerprint (paths, sizes, mtimes) of this copy and the size
     # asked for; the dataset's identity is the hash of the decoded pixels, equal for every copy on
     # every host, so workers on several machines agree on the study and the teacher.
@@ -366,7 +364,9 @@ def _decode_imagefolder(
     decoded = DecodedDataset(train_images, train_labels, test_images, test_labels, classes, fingerprint)
     if cache_path is not None:
         tensors = dict(zip(CACHED_TENSORS, (train_images, train_labels, test_images, test_labels), strict=True))
-        save_verified(cache_path, {"format": CACHE_FORMAT, "listing": listing, "classes": classes}, tensors)
+        save_verified(
+            cache_path, {"format": CACHE_FORMAT, "listing": listing, "classes": classes}, tensors, "decoded-image"
+        )
         # Read back memory-mapped: the pixels then live in the page cache, not in this process's memory.
         return _read_decode_cache(cache_path, listing) or decoded
     return decoded

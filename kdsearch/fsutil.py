@@ -7,8 +7,10 @@ or a failed check never leaves a half-written file where a reader would find it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -64,12 +66,50 @@ def tensor_sha256(*tensors: Tensor | None) -> str:
     return digest.hexdigest()
 
 
-def save_verified(path: str | os.PathLike[str], header: dict[str, Any], tensors: dict[str, Tensor | None]) -> None:
-    """Write a cache of ``tensors`` with ``header`` (what it is the cache of) and their SHA-256, atomically."""
+# A cache this large is announced (one line) before it is written.
+LARGE_CACHE_BYTES = 1 << 30
+# Room left beside a cache for the rest of the run's files (the database, checkpoints).
+DISK_MARGIN_BYTES = 64 << 20
+
+
+def save_verified(
+    path: str | os.PathLike[str], header: dict[str, Any], tensors: dict[str, Tensor | None], what: str = "cache"
+) -> None:
+    """Write a cache of ``tensors`` with ``header`` (what it is the cache of) and their SHA-256, atomically.
+
+    Its size is checked against the disk's free space first (a cache the disk cannot hold is one user
+    error, nothing written), said in one line when it is over a gigabyte, and a disk that fills up
+    while writing is the same user error, the partial file removed.
+    """
     import torch
 
+    target = Path(path)
+    size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if size + DISK_MARGIN_BYTES > free:
+        raise UserError(
+            f"the {what} cache needs {_gigabytes(size)} and {target.parent} has {_gigabytes(free)} free; free some "
+            "space or point KDSEARCH_HOME at a larger disk"
+        )
+    if size > LARGE_CACHE_BYTES:
+        warn(f"writing the {what} cache: {_gigabytes(size)} in {target.parent} ({_gigabytes(free)} free)")
     blob = {**header, **tensors, "sha256": tensor_sha256(*tensors.values())}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    full = UserError(f"the disk filled up writing the {what} cache in {target.parent}; nothing was kept")
+    try:
+        atomic_write(target, lambda tmp: torch.save(blob, tmp))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise full from None
+        raise
+    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError from its writer
+        if "No space left" in str(exc) or "unexpected pos" in str(exc):
+            raise full from None
+        raise
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def load_verified(

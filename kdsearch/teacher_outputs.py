@@ -190,5 +190,6 @@ def _view_outputs(
             cached = TeacherOutputs((view,), (blob["logits"],), (features,) if features is not None else None, layer)
             return cached, False
         outputs = compute_teacher_outputs(teacher, splits.train, layer, device, view=view)
-        save_verified(path, header, {"logits": outputs.logits[0], "features": outputs.features[0] if layer else None})
+        tensors = {"logits": outputs.logits[0], "features": outputs.features[0] if layer else None}
+        save_verified(path, header, tensors, "teacher-output")
         return outputs, True

@@ -738,3 +738,48 @@ def test_image_folder_mistakes_are_one_line(tmp_path: Path, capsys: pytest.Captu
         and err.startswith(f"kdsearch: error: {root}/train/cat/loop.png cannot be read: ")
         and (err.count("\n") == 1)
     ), err
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs, where the test may mount one (root); skipped with the reason where it cannot."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip() or made.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_cache_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
+    small_disk: Path, pattern_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KDSEARCH_HOME", str(small_disk / "home"))
+    args = ["train", "--dataset", "imagefolder", "--data-dir", str(pattern_folder), "--val-size", "0",
+            "--method", "ce", "--epochs", "1", "-q"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("kdsearch: error: the decoded-image cache needs ") and "free; free some space" in err
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []
+
+
+def test_a_disk_that_fills_up_while_a_cache_is_written_is_one_line_and_leaves_nothing(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The free space looked enough (another process filled the disk meanwhile): the write fails, cleanly."""
+    import shutil
+
+    import torch
+
+    from kdsearch.errors import UserError
+    from kdsearch.fsutil import save_verified
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    with pytest.raises(UserError, match=r"the disk filled up writing the teacher-output cache in .*; nothing was kept"):
+        save_verified(small_disk / "c.pt", {"format": 1}, {"logits": torch.zeros(1 << 20)}, "teacher-output")
+    assert list(small_disk.iterdir()) == []
