@@ -51,7 +51,7 @@ from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
 from kdsearch.search_config import SearchConfig
 from kdsearch.settings import HAND_SET
-from kdsearch.storage import ArtifactDirectory, load_existing_study, open_storage, redact
+from kdsearch.storage import ArtifactDirectory, load_existing_study, open_storage, redact, refuse_read_only
 from kdsearch.strategies import get_strategy
 
 # The arm of a study across methods that is its own control: its best ce trial.
@@ -333,6 +333,7 @@ def run_confirm(
 ) -> dict[str, Any]:
     """Re-train (raced over seeds), rank on validation, test the chosen config against the baselines; resumable."""
     study, url = load_existing_study(storage_url, study_name)
+    refuse_read_only(url)
     if len(study.directions) != 1:
         raise UserError(f"study {study_name!r} has several objectives; confirm ranks on validation accuracy alone")
     if "confirms" in study.user_attrs:

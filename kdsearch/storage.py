@@ -121,6 +121,12 @@ def cannot_open(url: str, exc: BaseException) -> UserError:
     return UserError(f"cannot open storage {redact(url)}: {redact_text(_first_line(exc), url)}")
 
 
+# Query parameters SQLAlchemy's SQLite dialect reads itself; any other is SQLite's, and only a URI passes it on.
+SQLALCHEMY_SQLITE_QUERY = {
+    *("timeout", "check_same_thread", "isolation_level", "uri", "detect_types", "cached_statements"),
+}
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a SQLite URL (None for other back-ends); a malformed URL is a user error."""
     from sqlalchemy.engine import make_url
@@ -136,9 +142,37 @@ def sqlite_path(url: str) -> Path | None:
         ) from None
     if parsed.get_backend_name() != "sqlite":
         return None
-    if not parsed.database or parsed.database == ":memory:":
+    database, query = parsed.database or "", dict(parsed.query)
+    uri = str(query.get("uri", "")).lower() in ("true", "1")
+    if not uri:
+        sqlite_only = sorted(set(query) - SQLALCHEMY_SQLITE_QUERY)
+        if database.startswith("file:") or sqlite_only:
+            what = f"query {', '.join(sqlite_only)}" if sqlite_only else "a file: database"
+            raise UserError(
+                f"storage URL {redact(url)!r}: {what} takes effect only as a SQLite URI, with uri=true "
+                "(sqlite:///file:PATH?mode=ro&uri=true); without it SQLAlchemy ignores it"
+            )
+    elif database.startswith("file:"):
+        database = database.removeprefix("file:")
+    if not database or database == ":memory:" or query.get("mode") == "memory":
         raise UserError("an in-memory SQLite storage would lose the study; give a file, e.g. sqlite:///study.db")
-    return Path(parsed.database)
+    return Path(database)
+
+
+def is_read_only(url: str) -> bool:
+    """A SQLite URI opened read-only (``mode=ro`` or ``immutable=1`` with ``uri=true``)."""
+    from sqlalchemy.engine import make_url
+
+    if sqlite_path(url) is None:
+        return False
+    query = dict(make_url(url).query)
+    return query.get("mode") == "ro" or str(query.get("immutable", "")) in ("1", "true")
+
+
+def refuse_read_only(url: str) -> None:
+    """Commands that write (optimize, confirm) refuse a read-only SQLite URI before they do any work."""
+    if is_read_only(url):
+        raise UserError(f"storage {redact(url)} is opened read-only (mode=ro): this command writes to it")
 
 
 def check_storage_url(url: str, *, create_parent: bool) -> Path | None:
@@ -198,13 +232,21 @@ def _database_tables(url: str) -> set[str]:
         raise cannot_open(url, exc) from None
 
 
-def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool = False) -> optuna.storages.RDBStorage:
-    """An RDB storage; SQLite waits for locks instead of failing, and dead workers' trials are retried."""
+def open_storage(
+    url: str, *, heartbeat: int | None = None, create_parent: bool = False, reading: bool = False
+) -> optuna.storages.RDBStorage:
+    """An RDB storage; SQLite waits for locks instead of failing, and dead workers' trials are retried.
+
+    A read-only SQLite URI serves ``reading`` commands (studies, export, report) and is refused by the
+    ones that write (optimize, confirm) in one line, before anything runs.
+    """
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     sqlite_file = check_storage_url(url, create_parent=create_parent)
     if sqlite_file is not None:
         _refuse_foreign_sqlite(sqlite_file)
+    if not reading:
+        refuse_read_only(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if sqlite_file is not None:
         engine_kwargs = {"connect_args": {"timeout": 60}}
@@ -221,7 +263,9 @@ def open_storage(url: str, *, heartbeat: int | None = None, create_parent: bool 
             }
         for attempt in range(TABLE_RACE_RETRIES + 1):
             try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, skip_table_creation=reading, **heartbeat_kwargs
+                )
             except (IntegrityError, ProgrammingError, OperationalError) as exc:
                 # Workers started together on an empty database race to create Optuna's tables;
                 # the losers see "duplicate key" / "already exists" and succeed on a retry.
@@ -253,7 +297,7 @@ def open_existing_storage(url: str | None) -> tuple[optuna.storages.BaseStorage 
         tables = _database_tables(url)
     if not OPTUNA_TABLES <= tables:
         return None, url
-    return open_storage(url), url
+    return open_storage(url, reading=True), url
 
 
 def no_studies_in(url: str) -> str:

@@ -53,6 +53,7 @@ from kdsearch.storage import (
     open_storage,
     pareto_front,
     redact,
+    refuse_read_only,
 )
 from kdsearch.strategies import AUTO, METHODS, get_strategy
 
@@ -315,6 +316,7 @@ def plan_search(config: RunConfig, search: SearchConfig, methods: tuple[str, ...
     plan.sampler(0)  # a grid too large to enumerate fails here, before anything is created
     if search.storage is not None:
         check_storage_url(url, create_parent=False)
+        refuse_read_only(url)
     return plan
 
 

@@ -783,3 +783,28 @@ def test_a_disk_that_fills_up_while_a_cache_is_written_is_one_line_and_leaves_no
     with pytest.raises(UserError, match=r"the disk filled up writing the teacher-output cache in .*; nothing was kept"):
         save_verified(small_disk / "c.pt", {"format": 1}, {"logits": torch.zeros(1 << 20)}, "teacher-output")
     assert list(small_disk.iterdir()) == []
+
+
+def test_sqlite_uris_are_read_as_sqlite_reads_them_and_read_only_means_no_write(
+    search, home: Path, stub: StubTrainer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search("--trials", "1")[0] == 0
+    database = home / "kdsearch.db"
+    before = (database.stat().st_mtime_ns, database.read_bytes())
+    read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
+    code, out, err = run_cli(["studies", "--storage", read_only, "-f", "json"], capsys)
+    assert code == 0 and [row["name"] for row in json.loads(out)] == ["kd-imagefolder"], err
+    assert run_cli(["export", "--study-name", "kd-imagefolder", "--storage", read_only], capsys)[0] == 0
+    for command in (["optimize", "--trials", "1"], ["confirm", "--study-name", "kd-imagefolder"]):
+        if command[0] == "optimize":
+            code, _, err = search("--trials", "1", "--storage", read_only)
+        else:
+            code, _, err = run_cli([*command, "--storage", read_only], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "is opened read-only (mode=ro): this command writes to it" in err
+    assert (database.stat().st_mtime_ns, database.read_bytes()) == before
+    # Without uri=true SQLAlchemy would ignore mode=ro (and make a file named "file:…"): refused, said why.
+    for url in (f"sqlite:///{database}?mode=ro", f"sqlite:///file:{database}"):
+        code, _, err = run_cli(["studies", "--storage", url], capsys)
+        assert code == 2 and "takes effect only as a SQLite URI, with uri=true" in err and err.count("\n") == 1
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith("file:")) == []
