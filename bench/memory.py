@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 FIELDS = ("RssAnon", "RssFile", "VmRSS")
@@ -51,10 +52,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def measure(command: list[str], interval: float = 0.1) -> dict[str, float]:
-    """Run ``command``; the peak of each field summed over its processes, in MiB, and the wall time."""
+def measure(command: list[str], interval: float = 0.1, stdout: IO[str] | None = None) -> dict[str, float]:
+    """Run ``command``; the peak of each field summed over its processes, in MiB, and the wall time.
+
+    Its standard output goes to ``stdout`` (a file the caller reads back), or nowhere."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=stdout if stdout is not None else subprocess.DEVNULL)
     peaks = dict.fromkeys(FIELDS, 0)
     while process.poll() is None:
         total = dict.fromkeys(FIELDS, 0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,31 +221,67 @@ def _imagefolder_fingerprint(files: list[tuple[str, int, int, int]], root: Path)
     return digest.hexdigest()[:16]
 
 
+# Files decoded per batch: JPEGs decode in one batched call per chunk, and no more than a chunk of
+# compressed files and decoded images is held in memory at once.
+DECODE_CHUNK = 1024
+
+
 def _decode_files(
-    files: list[tuple[str, int, int, int]], gray: bool, image_size: tuple[int, int] | None
+    files: list[tuple[str, int, int, int]],
+    gray: bool,
+    image_size: tuple[int, int] | None,
+    spill_dir: Path | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Decode with torchvision's native decoders (JPEGs in one batched call: ~4x PIL's speed), PIL for the rest.
+    """Decode with torchvision's native decoders (JPEGs batched: ~4x PIL's speed), PIL for the rest.
 
     Every image is decoded as grayscale when ``gray`` (the whole folder is single-channel), else as
-    RGB; then fitted to ``image_size``, or, without one, required to share one size.
+    RGB; then fitted to ``image_size``, or, without one, required to share one size. Images are
+    decoded a chunk at a time into one uint8 tensor; with ``spill_dir`` that tensor is a shared
+    mapping of an (unlinked) file there, so a split larger than memory is decoded in page cache,
+    not in the process's anonymous memory.
     """
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates torchvision.io in favour of torchcodec; it is still the fastest
-        # JPEG path for torch<=2.14 here, and the decoded cache means it runs once per dataset.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        decoded = _decode_files_quietly(files, gray)
     labels = torch.tensor([label for _, label, *_ in files], dtype=torch.int64)
-    if image_size is not None:
-        return fit_all(decoded, image_size), labels
-    size = decoded[0].shape[1:]
-    for (path, *_), image in zip(files, decoded, strict=True):
-        if image.shape[1:] != size:
-            raise ConfigError(
-                "image_size",
-                f"must be given: images differ in size ({path} is {image.shape[2]}x{image.shape[1]}, earlier ones "
-                f"{size[1]}x{size[0]}); with it each image is resized and centre-cropped to it",
-            )
-    return torch.stack(decoded), labels
+    out: Tensor | None = None
+    size: tuple[int, ...] | None = None
+    for start in range(0, len(files), DECODE_CHUNK):
+        chunk = files[start : start + DECODE_CHUNK]
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates torchvision.io in favour of torchcodec; it is still the fastest
+            # JPEG path for torch<=2.14 here, and the decoded cache means it runs once per dataset.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = _decode_files_quietly(chunk, gray)
+        if image_size is not None:
+            batch = fit_all(decoded, image_size)
+        else:
+            size = size or tuple(decoded[0].shape[1:])
+            for (path, *_), image in zip(chunk, decoded, strict=True):
+                if tuple(image.shape[1:]) != size:
+                    raise ConfigError(
+                        "image_size",
+                        f"must be given: images differ in size ({path} is {image.shape[2]}x{image.shape[1]}, earlier "
+                        f"ones {size[1]}x{size[0]}); with it each image is resized and centre-cropped to it",
+                    )
+            batch = torch.stack(decoded)
+        if out is None:
+            out = _uint8_buffer((len(files), *batch.shape[1:]), spill_dir)
+        out[start : start + len(chunk)] = batch
+    assert out is not None
+    return out, labels
+
+
+def _uint8_buffer(shape: tuple[int, ...], spill_dir: Path | None) -> Tensor:
+    """An uninitialised uint8 tensor: in memory, or mapped from a file in ``spill_dir`` (unlinked at once:
+    the mapping keeps it until the tensor is freed, and a crash leaves nothing behind)."""
+    if spill_dir is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".decode-", suffix=".raw", dir=spill_dir)
+    os.close(fd)
+    try:
+        flat = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.uint8)
+    finally:
+        os.unlink(name)
+    return flat.view(shape)
 
 
 def _read(path: str) -> Tensor:
@@ -352,8 +390,9 @@ def _decode_imagefolder(
         if cached is not None:
             return cached
     gray = folder_is_gray([path for path, *_ in train_files + test_files])
-    train_images, train_labels = _decode_files(train_files, gray, image_size)
-    test_images, test_labels = _decode_files(test_files, gray, image_size)
+    spill = cache_path.parent if cache_path is not None else None
+    train_images, train_labels = _decode_files(train_files, gray, image_size, spill)
+    test_images, test_labels = _decode_files(test_files, gray, image_size, spill)
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ConfigError(
             "image_size",
