@@ -91,9 +91,9 @@ def main() -> int:
     rows["decode"] = run("decode and cache", ["train", "--method", "ce", *data, "--val-size", "0", "--epochs", "1",
                                                "--limit-train", "64"], home)  # fmt: skip
     teacher = home / "lightnn-224.pt"
-    rows["teacher"] = run("small teacher", ["teacher", *data, "--model", "lightnn", "--preset", "tutorial", "--epochs", "1",
-                                            "--limit-train", "2000", "--val-size", "0", "--out", str(teacher)],
-                          home)  # fmt: skip
+    teacher_args = ["teacher", *data, "--model", "lightnn", "--preset", "tutorial", "--epochs", "1",
+                    "--limit-train", "2000", "--val-size", "0", "--out", str(teacher)]  # fmt: skip
+    rows["teacher"] = run("small teacher", teacher_args, home)
     rows["kd_epoch"] = run("teacher logits and one kd epoch", ["train", "--method", "kd", *data, "--val-size", "0",
                                                                "--epochs", "1", "--teacher", str(teacher)],
                            home)  # fmt: skip
