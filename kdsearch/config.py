@@ -21,7 +21,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from kdsearch.errors import ConfigError, UserError, plain
+from kdsearch.errors import ConfigError, UserError, plain, shown
 from kdsearch.images import image_size_problem
 from kdsearch.knobs import Knob, Section, knob, knobs_of
 from kdsearch.strategies import METHODS
@@ -73,7 +73,7 @@ def _augment_problem(name: str) -> str | None:
     match = CROPS.match(name)
     if name in AUGMENTATIONS or (match and 1 <= int(match.group(1)) <= MAX_CROPS):
         return None
-    return f"must be one of {', '.join(AUGMENTATIONS)} or crops:K (K from 1 to {MAX_CROPS}), got {name[:40]!r}"
+    return f"must be one of {', '.join(AUGMENTATIONS)} or crops:K (K from 1 to {MAX_CROPS}), got {shown(name[:40])}"
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class LossConfig(Section):
 
         super().__post_init__()
         if not isinstance(self.params, Mapping):
-            raise ConfigError("params", f"must be a mapping of name to value, got {self.params!r}")
+            raise ConfigError("params", f"must be a mapping of name to value, got {shown(self.params)}")
         object.__setattr__(self, "params", get_strategy(self.method).hyperparameters(dict(self.params)))
 
 
@@ -295,7 +295,7 @@ class RunConfig(Section):
                 parts[key] = value
                 continue
             if section is None or not isinstance(value, Mapping):
-                raise UserError(f"unexpected key {key!r}; a config holds the sections {', '.join(SECTION_KEYS)}")
+                raise UserError(f"unexpected key {shown(key)}; a config holds the sections {', '.join(SECTION_KEYS)}")
             known = {name for name, _ in knobs_of(section)} | ({"params"} if key == "loss" else set())
             if set(value) - known:
                 raise UserError(f"section {key} has unknown keys {sorted(set(value) - known)}; known: {sorted(known)}")
@@ -341,7 +341,7 @@ def migrate(flat: Mapping[str, Any]) -> dict[str, Any]:
     params = values.pop("hyperparameters", None)
     params = {} if params is None else params
     if not isinstance(params, Mapping):
-        raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {params!r}")
+        raise ConfigError("hyperparameters", f"must be a mapping of name to value, got {shown(params)}")
     params = dict(params)
     values |= {name: params.pop(name) for name in [n for n in params if n in KNOBS]}
     document: dict[str, Any] = {s: {n: values[n] for n, _ in knobs_of(c) if n in values} for s, c in SECTIONS.items()}

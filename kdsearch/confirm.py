@@ -45,7 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.checkpoints import load_checkpoint, load_weights
 from kdsearch.config import MAX_SEED, RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, build_student, prepare, train_student
-from kdsearch.errors import ConfigError, DivergedError, UserError
+from kdsearch.errors import ConfigError, DivergedError, UserError, shown
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
 from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
@@ -134,7 +134,7 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
     else:
         attrs = {key: value for key, value in study.user_attrs.items() if key in ("method", *base.flat())}
         configs[HAND_SET] = RunConfig.from_flat(
-            attrs | {"hyperparameters": {}}, origin=f"of study {study.study_name!r}"
+            attrs | {"hyperparameters": {}}, origin=f"of study {shown(study.study_name)}"
         )
         hand_set = [t for t in study.trials if t.user_attrs.get("baseline") and t.state == TrialState.COMPLETE]
         if hand_set:
@@ -151,7 +151,7 @@ def _best_of_each_method(study: optuna.Study, top: int) -> list[FrozenTrial]:
         firsts.setdefault(str(trial.params.get("method")), trial)
     ranked = [t for method, t in firsts.items() if method != "ce"]
     if not ranked:
-        raise UserError(f"study {study.study_name!r} has no completed trial of a distillation method to confirm")
+        raise UserError(f"study {shown(study.study_name)} has no completed trial of a distillation method to confirm")
     return ranked[:top]
 
 
@@ -160,7 +160,7 @@ def _control(study: optuna.Study, against: str, storage_url: str | None, base: R
     if control_study.user_attrs.get("data_fingerprint") != study.user_attrs.get("data_fingerprint") or (
         control_study.user_attrs.get("val_size") != study.user_attrs.get("val_size")
     ):
-        raise ConfigError("against", f"{against!r} names a study of other data or another validation split")
+        raise ConfigError("against", f"{shown(against)} names a study of other data or another validation split")
     # The control's own confirmed winner when it has been confirmed (a pick over seeds, as this
     # study's is), else its best trial.
     (best,) = confirmed_first(control_study, best_trials(control_study, 1), confirmation(control_study, control_url), 1)
@@ -168,7 +168,7 @@ def _control(study: optuna.Study, against: str, storage_url: str | None, base: R
     if get_strategy(control.method).uses_teacher and (across or control.method != base.method):
         raise ConfigError(
             "against",
-            f"{against!r} names a {control.method} study: a control needs no teacher (ce) or shares the method",
+            f"{shown(against)} names a {control.method} study: a control needs no teacher (ce) or shares the method",
         )
     return control
 
@@ -335,9 +335,11 @@ def run_confirm(
     study, url = load_existing_study(storage_url, study_name)
     refuse_read_only(url)
     if len(study.directions) != 1:
-        raise UserError(f"study {study_name!r} has several objectives; confirm ranks on validation accuracy alone")
+        raise UserError(f"study {shown(study_name)} has several objectives; confirm ranks on validation accuracy alone")
     if "confirms" in study.user_attrs:
-        raise UserError(f"study {study_name!r} holds confirmation runs; confirm {study.user_attrs['confirms']!r}")
+        raise UserError(
+            f"study {shown(study_name)} holds confirmation runs; confirm {shown(study.user_attrs['confirms'])}"
+        )
     arms = arms_of(study, top, against, storage_url)
     base = arms.configs[arms.candidates[0]]
     if base.recipe.seed + seeds - 1 > MAX_SEED:
@@ -417,7 +419,7 @@ def summarise(
     complete = {arm for arm, by_seed in runs.items() if len(by_seed) == len(seeds)}
     candidates = [arm for arm in arms if arm in complete and arm not in baselines]
     if not candidates:
-        raise UserError(f"no candidate of {companion.study_name!r} finished all {len(seeds)} seeds (diverged?)")
+        raise UserError(f"no candidate of {shown(companion.study_name)} finished all {len(seeds)} seeds (diverged?)")
 
     def val_mean(arm: str) -> float:
         return statistics.fmean(t.value for t in runs[arm].values())
@@ -427,7 +429,7 @@ def summarise(
     def tests(arm: str) -> list[float]:
         return [runs[arm][seed].user_attrs["test_accuracy"] for seed in seeds]
 
-    shown = [arm for arm in arms if runs[arm] and (arm not in baselines or arm in complete)]
+    listed = [arm for arm in arms if runs[arm] and (arm not in baselines or arm in complete)]
     rows = [
         {
             "arm": arm,
@@ -442,7 +444,7 @@ def summarise(
             "params": {k: v for k, v in arms[arm].flat().items() if k == "method" or k in RECIPE_SPACE}
             | arms[arm].loss.params,
         }
-        for arm in shown
+        for arm in listed
     ]
     comparisons = {
         arm: {"interval": str(interval), "mean": interval.mean, "half_width": interval.half_width}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kdsearch.config import DATASETS
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, shown
 from kdsearch.fsutil import load_verified, save_verified, tensor_sha256
 from kdsearch.images import fit, fit_all, folder_is_gray
 
@@ -55,7 +55,7 @@ def decode_dataset(
 ) -> DecodedDataset:
     """Decode ``dataset`` into uint8 tensors, each fitted to ``image_size`` if given; from the cache when current."""
     if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {shown(dataset)}; choose one of {', '.join(DATASETS)}")
     if dataset == "imagefolder":
         if data_dir is None:
             raise ConfigError(

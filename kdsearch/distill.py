@@ -20,7 +20,7 @@ from torch import nn
 from kdsearch.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from kdsearch.config import DataConfig, RunConfig
 from kdsearch.data import TensorSplits, splits_for
-from kdsearch.errors import ConfigError, UserError, about
+from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
@@ -91,8 +91,9 @@ def prepare(
     if feature_methods and not set(views) <= set(FEATURE_VIEWS):
         raise ConfigError(
             "augment",
-            f"shift and crops are for logit methods: {', '.join(feature_methods)} compare hidden features, whose "
-            "cache for many views would not fit in memory; use flip (or none) with feature methods",
+            f"shift and crops are for logit methods: {', '.join(feature_methods)} "
+            f"{'compares' if len(feature_methods) == 1 else 'compare'} hidden features, whose cache for many views "
+            "would not fit in memory; use flip (or none) with feature methods",
         )
     cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, views)
     outputs = cached.outputs if feature_methods else cached.outputs.without_features()
@@ -268,7 +269,7 @@ def run_evaluation(
     recorded_width = loaded.metadata.get("width", 1.0)
     if width is None and (isinstance(recorded_width, bool) or not isinstance(recorded_width, (int, float))):
         raise ConfigError(
-            "width", f"must be given: checkpoint {checkpoint} records width {recorded_width!r}, not a number"
+            "width", f"must be given: checkpoint {checkpoint} records width {shown(recorded_width)}, not a number"
         )
     model = build_model(
         name,

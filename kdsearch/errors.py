@@ -12,11 +12,33 @@ config-file reader as ``data.val_size`` (``ConfigError.say``).
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # A field mentioned inside a message, written ``{name}``: said the user's way with the field itself.
 MENTION = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+
+# A message quotes at most about this many characters of a value the user gave.
+QUOTE_LIMIT = 80
+
+
+def shown(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, whatever its size: what a message may quote.
+
+    A value read from a file or a flag can be megabytes long (or, through YAML aliases, billions of
+    items); quoted whole it would make a one-line error gigabytes long.
+    """
+    shortened = reprlib.Repr()
+    shortened.maxstring = shortened.maxother = limit
+    shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 6
+    shortened.maxlevel = 3
+    text = shortened.repr(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    if isinstance(value, str) and len(value) > limit:
+        text += f" ({len(value):,} characters)"
+    return text
 
 
 class UserError(Exception):

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch import __version__
 from kdsearch.config import KNOBS, RunConfig
-from kdsearch.errors import ConfigError, UserError, about
+from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
 from kdsearch.paths import artifact_root
 from kdsearch.storage import (
@@ -98,7 +98,7 @@ def trial_run_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
     base = {key: attrs[key] for key in ("method", *KNOBS) if key in attrs}
     if "method" in trial.params:  # a study across methods: the trial's own method
         base["method"] = trial.params["method"]
-    config = RunConfig.from_flat(base, origin=f"of study {study.study_name!r}")
+    config = RunConfig.from_flat(base, origin=f"of study {shown(study.study_name)}")
     pinned = trial.user_attrs.get("pinned", trial.user_attrs.get("fixed_params", {}))
     config = config.with_values({**pinned, **trial.params})
     return config.with_values({"seed": trial.user_attrs.get("seed", config.recipe.seed)})
@@ -158,7 +158,7 @@ def load_config_and_source(path: str | Path, rank: int = 1) -> tuple[RunConfig, 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
     if not complete:
-        raise UserError(f"study {study.study_name!r} has no completed trial to export")
+        raise UserError(f"study {shown(study.study_name)} has no completed trial to export")
     return sorted(complete, key=lambda t: (-t.values[0], t.number))[:top]
 
 
@@ -239,16 +239,17 @@ def export_study(
         raise ConfigError("checkpoint", f"{checkpoint} must be a folder with {{pareto}}")
     study, url = load_existing_study(storage_url, study_name)
     if "confirms" in study.user_attrs:
+        confirms = shown(study.user_attrs["confirms"])
         raise UserError(
-            f"study {study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}; export that "
-            "study (its confirmed winner comes first)"
+            f"study {shown(study_name)} holds the confirmation runs of {confirms}; export that study (its confirmed "
+            "winner comes first)"
         )
     inputs = (check_storage_url(url, create_parent=False), study.user_attrs.get("data_dir"))
     summary: dict[str, Any] = {}
     if pareto:
         trials = pareto_front(study)
         if not trials:
-            raise UserError(f"study {study_name!r} has no completed trial to export")
+            raise UserError(f"study {shown(study_name)} has no completed trial to export")
     else:
         summary = confirmation(study, url)
         trials = confirmed_first(study, best_trials(study, top), summary, top)
@@ -261,7 +262,7 @@ def export_study(
             refuse_overwriting_inputs({"checkpoint": target}, inputs, others=(output,))
     missing = [t.number for t in chosen if t.user_attrs.get("artifact_id") is None]
     if missing:
-        raise UserError(f"trials {missing} of {study_name!r} kept no checkpoint artifact")
+        raise UserError(f"trials {missing} of {shown(study_name)} kept no checkpoint artifact")
     configs = [trial_config(study, t, url, summary) for t in trials]
     document: dict[str, Any] = configs[0] if top == 1 and not pareto else {"configs": configs}
     as_json = output is not None and output.endswith(".json")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from kdsearch.errors import ConfigError
+from kdsearch.errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -33,7 +33,7 @@ def parse_image_size(text: str | int) -> tuple[int, int]:
     height = int(match.group(1))
     width = int(match.group(2)) if match.group(2) else height
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
-        raise ConfigError("image_size", f"must be between 1 and {MAX_SIDE} pixels a side, got {text!r}")
+        raise ConfigError("image_size", f"must be between 1 and {MAX_SIDE} pixels a side, got {shown(text)}")
     return height, width
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution
 
-from kdsearch.errors import ConfigError
+from kdsearch.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,12 @@ class Knob:
             raise ConfigError(name, "must be given")
         value = self._typed(name, value)
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise ConfigError(name, f"must be one of {', '.join(map(str, self.choices))}, got {shown(value)}")
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             relation = "above" if self.low_open else "at least"
-            raise ConfigError(name, f"must be {relation} {_show(self.low)}, got {value!r}")
+            raise ConfigError(name, f"must be {relation} {_show(self.low)}, got {shown(value)}")
         if self.high is not None and value > self.high:
-            raise ConfigError(name, f"must be at most {_show(self.high)}, got {value!r}")
+            raise ConfigError(name, f"must be at most {_show(self.high)}, got {shown(value)}")
         problem = self.check(value) if self.check is not None else None
         if problem:
             raise ConfigError(name, problem)
@@ -64,23 +64,23 @@ class Knob:
     def _typed(self, name: str, value: Any) -> Any:
         if self.kind is str:
             if not isinstance(value, str) or not value.strip():
-                raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+                raise ConfigError(name, f"must be a non-empty string, got {shown(value)}")
             return value
         if self.kind is tuple:
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(name, f"must be a list of strings, got {value!r}")
+                raise ConfigError(name, f"must be a list of strings, got {shown(value)}")
             return tuple(value)
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(name, f"must be true or false, got {value!r}")
+                raise ConfigError(name, f"must be true or false, got {shown(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"must be a number, got {value!r}")
+            raise ConfigError(name, f"must be a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(name, f"must be finite, got {value!r}")
+            raise ConfigError(name, f"must be finite, got {shown(value)}")
         if self.kind is int:
             if not float(value).is_integer():
-                raise ConfigError(name, f"must be an integer, got {value!r}")
+                raise ConfigError(name, f"must be an integer, got {shown(value)}")
             return int(value)
         return float(value)
 

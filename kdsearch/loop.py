@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kdsearch.config import RecipeConfig
 from kdsearch.data import Split
-from kdsearch.errors import ConfigError, DivergedError, UserError
+from kdsearch.errors import ConfigError, DivergedError, UserError, shown
 from kdsearch.losses import LossInputs
 from kdsearch.taps import FeatureTap
 from kdsearch.teacher_outputs import TeacherOutputs, as_input
@@ -64,11 +64,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {shown(name)}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{name} was asked for, but no CUDA device is available; use cpu")
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise UserError(f"unsupported device {shown(name)}; use auto, cpu, cuda or cuda:N")
     return device
 
 

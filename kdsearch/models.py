@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, shown
 from kdsearch.zoo import build_zoo_model, check_zoo_name, is_zoo_model
 
 
@@ -116,7 +116,7 @@ def resolve_model_class(name: str) -> Callable[..., nn.Module]:
         return REGISTERED[name]
     if ":" not in name:
         raise UserError(
-            f"unknown model {name!r}; use one of {', '.join(REGISTERED)}, torchvision.models:NAME, timm:NAME "
+            f"unknown model {shown(name)}; use one of {', '.join(REGISTERED)}, torchvision.models:NAME, timm:NAME "
             "or package.module:Class"
         )
     module_name, _, attr = name.partition(":")
@@ -125,10 +125,10 @@ def resolve_model_class(name: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"cannot import model module {module_name!r}: {exc}") from None
+        raise UserError(f"cannot import model module {shown(module_name)}: {exc}") from None
     cls = getattr(module, attr, None)
     if cls is None or not callable(cls):
-        raise UserError(f"module {module_name!r} has no class {attr!r}")
+        raise UserError(f"module {shown(module_name)} has no class {shown(attr)}")
     return cls
 
 
@@ -152,12 +152,12 @@ def build_model(
     """
     if is_zoo_model(name):
         if width != 1.0:
-            raise ConfigError("width", f"must stay 1: zoo model {name!r} has no width multiplier")
+            raise ConfigError("width", f"must stay 1: zoo model {shown(name)} has no width multiplier")
         model = build_zoo_model(name, num_classes=num_classes, in_channels=in_channels)
     else:
         model = _build_user_model(name, num_classes, in_channels, image_size, width)
     if not isinstance(model, nn.Module):
-        raise UserError(f"{name!r} did not build a torch.nn.Module")
+        raise UserError(f"{shown(name)} did not build a torch.nn.Module")
     return model
 
 
@@ -174,11 +174,11 @@ def _build_user_model(
     if not named and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         named = {"num_classes": num_classes}
     if width != 1.0 and "width" not in named:
-        raise ConfigError("width", f"must stay 1: model {name!r} takes no width argument")
+        raise ConfigError("width", f"must stay 1: model {shown(name)} takes no width argument")
     try:
         return cls(**named)
     except TypeError as exc:
-        raise UserError(f"cannot build model {name!r}: {exc}") from None
+        raise UserError(f"cannot build model {shown(name)}: {exc}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

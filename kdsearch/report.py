@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.errors import ConfigError, UserError, about
+from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.export import best_trials, confirm_table, confirmation
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
 from kdsearch.storage import load_existing_study, pareto_front, sqlite_path
@@ -125,7 +125,7 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
         with about("png"):
             refuse_overwriting_inputs({"png": folder / "plot.png"}, inputs, others=(output,))
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise UserError(f"study {study_name!r} has no completed trial to report on")
+        raise UserError(f"study {shown(study_name)} has no completed trial to report on")
     import optuna.visualization as plotly_plots
 
     sections: list[str] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdsearch.config import MAX_SEED
-from kdsearch.errors import ConfigError
+from kdsearch.errors import ConfigError, shown
 from kdsearch.knobs import Section, knob
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
@@ -23,7 +23,7 @@ MAX_STUDY_NAME = 128
 def _study_name_problem(name: str) -> str | None:
     """Names become folder names (artifacts) and URL parts (the dashboard): keep them plain."""
     if name in (".", "..") or len(name) > MAX_STUDY_NAME or "/" in name or "\\" in name:
-        return f"must be 1-{MAX_STUDY_NAME} characters, no slashes, and not '.' or '..', got {name[:40]!r}"
+        return f"must be 1-{MAX_STUDY_NAME} characters, no slashes, and not '.' or '..', got {shown(name[:40])}"
     if any(not c.isprintable() for c in name):
         return "must not hold control characters"
     return None
@@ -32,7 +32,7 @@ def _study_name_problem(name: str) -> str | None:
 def _objectives_problem(text: str) -> str | None:
     names = [n.strip() for n in text.split(",")]
     if any(n not in OBJECTIVES for n in names) or names[0] != "accuracy" or len(set(names)) != len(names):
-        return f"must start with accuracy and may add params and latency (each once), got {text!r}"
+        return f"must start with accuracy and may add params and latency (each once), got {shown(text)}"
     return None
 
 

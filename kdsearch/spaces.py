@@ -25,7 +25,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from kdsearch.config import KNOBS, RECIPE_SPACE, RecipeConfig
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, shown
 from kdsearch.structured import read_structured_file
 
 if TYPE_CHECKING:
@@ -89,9 +89,9 @@ def space_to_dict(space: Space) -> dict[str, Any]:
 
 def _number(name: str, key: str, value: object, kind: type) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"search space: {name}.{key} must be a finite number, got {value!r}")
+        raise UserError(f"search space: {name}.{key} must be a finite number, got {shown(value)}")
     if kind is int and not float(value).is_integer():
-        raise UserError(f"search space: {name}.{key} must be an integer, got {value!r}")
+        raise UserError(f"search space: {name}.{key} must be an integer, got {shown(value)}")
     return int(value) if kind is int else float(value)
 
 
@@ -107,10 +107,10 @@ def parse_param(name: str, spec: object) -> Any:
     if not isinstance(spec, dict):
         if isinstance(spec, (int, float, str, bool)):
             return spec
-        raise UserError(f"search space: {name} must be a mapping or a constant, got {spec!r}")
+        raise UserError(f"search space: {name} must be a mapping or a constant, got {shown(spec)}")
     kind = spec.get("type")
     if kind not in KEYS:
-        raise UserError(f"search space: {name}.type must be float, int or categorical, got {kind!r}")
+        raise UserError(f"search space: {name}.type must be float, int or categorical, got {shown(kind)}")
     extra = set(spec) - KEYS[kind]
     if extra:
         raise UserError(f"search space: {name} has unknown keys {sorted(extra)} for type {kind}")
@@ -156,7 +156,7 @@ def load_space_file(path: str | os.PathLike[str], method: str) -> Space:
     if unknown:
         raise UserError(f"search-space file {path} has unknown keys {sorted(unknown)}; expected method, parameters")
     if "method" in data and str(data["method"]).replace(" ", "") != method:
-        raise UserError(f"search-space file {path} is for method {data['method']!r}, not {method!r}")
+        raise UserError(f"search-space file {path} is for method {shown(data['method'])}, not {shown(method)}")
     return parse_parameters(data.get("parameters"))
 
 
@@ -179,7 +179,7 @@ def parse_assignments(items: tuple[str, ...] | list[str], field: str) -> dict[st
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or not name.strip() or not raw.strip():
-            raise ConfigError(field, f"expects NAME=VALUE, got {item!r}")
+            raise ConfigError(field, f"expects NAME=VALUE, got {shown(item)}")
         out[name.strip()] = parse_value(raw)
     return out
 
@@ -215,7 +215,7 @@ def check_layer(strategy: Strategy, layer: Space, searchable: Space) -> None:
     for name, param in layer.items():
         if name not in searchable and name not in strategy.params:
             known = ", ".join(sorted(set(searchable) | set(strategy.params)))
-            raise UserError(f"search space: method {strategy.name} has no parameter {name!r}; known: {known}")
+            raise UserError(f"search space: method {strategy.name} has no parameter {shown(name)}; known: {known}")
         default = searchable.get(name)
         if isinstance(param, BaseDistribution) and isinstance(default, BaseDistribution):
             if type(param) is not type(default):
@@ -273,7 +273,7 @@ def build_methods_space(
             having = [s for s in strategies if name in s.params]
             if not having:
                 known = ", ".join(sorted(set(shared).union(*(s.params for s in strategies)) - {"ce_weight"}))
-                raise UserError(f"search space: no method of {label} has a parameter {name!r}; known: {known}")
+                raise UserError(f"search space: no method of {label} has a parameter {shown(name)}; known: {known}")
             for strategy in having:
                 check_layer(strategy, {name: param}, own[strategy.name])
                 own[strategy.name][name] = param

@@ -19,7 +19,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 from kdsearch.paths import artifact_root, home_dir
 
 # Attempts to open a storage whose tables another worker is creating at the same moment.
@@ -316,16 +316,16 @@ def load_existing_study(storage_url: str | None, study_name: str) -> tuple[optun
     if storage is None:
         sqlite_file = sqlite_path(url)
         why = "the storage file does not exist yet" if sqlite_file and not sqlite_file.exists() else "it holds none"
-        raise UserError(f"no study named {study_name!r} in {redact(url)}: {why}")
+        raise UserError(f"no study named {shown(study_name)} in {redact(url)}: {why}")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         raise UserError(
-            f"no study named {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}"
+            f"no study named {shown(study_name)} in {redact(url)}; studies there: {', '.join(names) or 'none'}"
         ) from None
     if not is_kdsearch_study(study):
-        raise UserError(f"study {study_name!r} in {redact(url)} was not created by kdsearch")
+        raise UserError(f"study {shown(study_name)} in {redact(url)} was not created by kdsearch")
     return study, url
 
 
@@ -367,7 +367,7 @@ class ArtifactDirectory:
 
     def _find(self, artifact_id: str) -> Path:
         if "/" in artifact_id or artifact_id.startswith("."):
-            raise ArtifactNotFound(f"invalid artifact id {artifact_id!r}")
+            raise ArtifactNotFound(f"invalid artifact id {shown(artifact_id)}")
         for path in self.root.glob(f"*/{artifact_id}"):
             if path.is_file():
                 return path

@@ -12,39 +12,19 @@ from __future__ import annotations
 import functools
 import os
 import re
-import reprlib
 from pathlib import Path
 from typing import Any
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 
 # What one config or space file may hold. Aliases may add this many values to those written out
 # (a YAML "billion laughs" adds billions from a few hundred bytes); no string is longer than a path
-# may be (PATH_MAX); a message quotes at most QUOTE_LIMIT characters of a value.
+# may be (PATH_MAX); a message quotes at most errors.QUOTE_LIMIT characters of a value.
 MAX_ALIAS_EXPANSION = 100_000
 MAX_STRING = 4096
-QUOTE_LIMIT = 80
 # A number YAML 1.2 (and JSON, and Python) reads but YAML 1.1, which PyYAML follows, reads as a
 # string: an exponent without a dot in the mantissa or without a sign (1e-5, 1.0e5).
 _YAML11_STRING_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def shown(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, whatever its size: what a message may quote.
-
-    A value read from a file or a flag can be megabytes long (or, through YAML aliases, billions of
-    items); quoted whole it would make a one-line error gigabytes long.
-    """
-    shortened = reprlib.Repr()
-    shortened.maxstring = shortened.maxother = limit
-    shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 6
-    shortened.maxlevel = 3
-    text = shortened.repr(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    if isinstance(value, str) and len(value) > limit:
-        text += f" ({len(value):,} characters)"
-    return text
 
 
 class FileContentError(Exception):

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from kdsearch import __version__
 from kdsearch.config import MAX_SEED, RunConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
-from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
+from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated, shown
 from kdsearch.objective import Objective
 from kdsearch.paths import check_artifact_root
 from kdsearch.progress import TrialProgress
@@ -218,10 +218,11 @@ def load_or_create_study(
         study = None
     if study is not None:
         if not is_kdsearch_study(study):
-            raise ConfigError("study_name", f"{study_name!r} names a study that was not created by kdsearch")
+            raise ConfigError("study_name", f"{shown(study_name)} names a study that was not created by kdsearch")
         if "confirms" in study.user_attrs:
             raise ConfigError(
-                "study_name", f"{study_name!r} holds the confirmation runs of {study.user_attrs['confirms']!r}"
+                "study_name",
+                f"{shown(study_name)} holds the confirmation runs of {shown(study.user_attrs['confirms'])}",
             )
         existing = study.user_attrs
         changed = changed_choices(existing.get("search_space"), attrs["search_space"])
@@ -229,15 +230,15 @@ def load_or_create_study(
             name, before, now = changed
             raise ConfigError(
                 "study_name",
-                f"{study_name!r} searched {name} over {before}, not {now}: Optuna keeps one set of choices per study; "
-                "choose another",
+                f"{shown(study_name)} searched {name} over {before}, not {now}: Optuna keeps one set of choices per "
+                "study; choose another",
             )
         for key in keys:
             if key in existing and existing[key] != attrs[key]:
                 raise ConfigError(
                     "study_name",
-                    f"{study_name!r} names a study created with {key}={existing[key]!r}, not {attrs[key]!r}; "
-                    "choose another",
+                    f"{shown(study_name)} names a study created with {key}={shown(existing[key])}, not "
+                    f"{shown(attrs[key])}; choose another",
                 )
         return study
     study = optuna.create_study(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -24,7 +24,7 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         choices = [n for n, _ in model.named_modules() if n and "." not in n]
         raise UserError(
-            f"{type(model).__name__} has no layer {name!r}; top-level layers are: {', '.join(choices) or 'none'}"
+            f"{type(model).__name__} has no layer {shown(name)}; top-level layers are: {', '.join(choices) or 'none'}"
         ) from None
 
 
@@ -46,7 +46,7 @@ class FeatureTap:
 
     def _hook(self, _module: nn.Module, _inputs: tuple, output: Tensor) -> None:
         if not isinstance(output, Tensor):
-            raise UserError(f"layer {self.layer!r} returns {type(output).__name__}, not a tensor")
+            raise UserError(f"layer {shown(self.layer)} returns {type(output).__name__}, not a tensor")
         self.output = output
 
     def __enter__(self) -> FeatureTap:
@@ -62,7 +62,7 @@ class FeatureTap:
     def take(self) -> Tensor:
         """The captured output; an error if the layer did not run in the last forward pass."""
         if self.output is None:
-            raise UserError(f"layer {self.layer!r} did not run during the forward pass")
+            raise UserError(f"layer {shown(self.layer)} did not run during the forward pass")
         out, self.output = self.output, None
         return out
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from torch import nn
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 
 TORCHVISION = "torchvision.models:"
 TIMM = "timm:"
@@ -38,7 +38,7 @@ def check_zoo_name(name: str) -> None:
         builder = name.removeprefix(TORCHVISION)
         if builder not in models.list_models(module=models):
             raise UserError(
-                f"torchvision has no classification model {builder!r}; e.g. resnet18, mobilenet_v3_small, "
+                f"torchvision has no classification model {shown(builder)}; e.g. resnet18, mobilenet_v3_small, "
                 "efficientnet_b0 (torchvision.models.list_models() lists them)"
             )
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from optuna.distributions import FloatDistribution
 
-from kdsearch.errors import ConfigError, UserError
+from kdsearch.errors import ConfigError, UserError, shown
 from kdsearch.terms import Hyper, TermSpec, get_term, hyper
 
 METHODS: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
@@ -90,7 +90,7 @@ class Strategy:
         for name, value in (given or {}).items():
             if name not in params:
                 known = ", ".join(sorted(params))
-                raise UserError(f"method {self.name} has no hyperparameter {name!r}; known: {known}")
+                raise UserError(f"method {self.name} has no hyperparameter {shown(name)}; known: {known}")
             merged[name] = value
         checked: dict[str, Any] = {}
         for name, value in merged.items():
@@ -125,12 +125,11 @@ def methods_of(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",")]
     for name in names:
         if name not in METHODS:
-            shown = name if len(name) <= 40 else name[:40] + "…"
-            raise ConfigError("method", f"must be {AUTO}, or one or more of {', '.join(METHODS)}, got {shown!r}")
+            raise ConfigError("method", f"must be {AUTO}, or one or more of {', '.join(METHODS)}, got {shown(name)}")
     return tuple(dict.fromkeys(names))
 
 
 def get_strategy(method: str) -> Strategy:
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {shown(method)}; choose one of {', '.join(METHODS)}")
     return importlib.import_module(f"{__name__}.{method}").STRATEGY

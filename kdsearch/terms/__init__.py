@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 from kdsearch.knobs import Knob
 
 # What a term may read besides the student's logits and the labels.
@@ -58,5 +58,5 @@ TERMS: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__pat
 
 def get_term(name: str) -> TermSpec:
     if name not in TERMS:
-        raise UserError(f"unknown loss term {name!r}; choose one of {', '.join(TERMS)}")
+        raise UserError(f"unknown loss term {shown(name)}; choose one of {', '.join(TERMS)}")
     return importlib.import_module(f"{__name__}.{name}").SPEC
