@@ -36,9 +36,8 @@ from sqlalchemy.engine import make_url
 
 import kdsearch.export
 from kdsearch.dashboard import host_allowed
-from kdsearch.errors import UserError
+from kdsearch.errors import UserError, shown
 from kdsearch.storage import redact, redact_text
-from kdsearch.errors import shown
 from kdsearch.structured import MAX_STRING, dump_yaml, read_structured_file
 from tests.helpers import POSTGRES_URL, StubTrainer, files_under, load_study, optimize_args, postgres_available, run_cli
 
