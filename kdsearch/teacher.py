@@ -175,6 +175,12 @@ def load_teacher(
         name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
     )
     load_weights(model, checkpoint, source=str(path), model_name=name)
+    broken = [
+        key for key, tensor in model.state_dict().items() if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if broken:
+        # Its outputs would be NaN for every image, and every student's loss with them: not a learning rate problem.
+        raise UserError(f"teacher {path} holds NaN or infinite weights ({broken[0]}); it cannot teach")
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedTeacher(prepare_module(model, device), Path(path), file_sha256(path), meta)

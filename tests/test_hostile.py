@@ -755,7 +755,8 @@ def small_disk(tmp_path: Path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        # Lazy: a file a failed write left open (its exception still referenced) must not keep it mounted.
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_cache_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
@@ -810,3 +811,23 @@ def test_sqlite_uris_are_read_as_sqlite_reads_them_and_read_only_means_no_write(
         code, _, err = run_cli(["studies", "--storage", url], capsys)
         assert code == 2 and "takes effect only as a SQLite URI, with uri=true" in err and err.count("\n") == 1
     assert sorted(p.name for p in home.iterdir() if p.name.startswith("file:")) == []
+
+
+def test_a_teacher_with_nan_weights_is_named_not_blamed_on_the_learning_rate(
+    pattern_folder: Path, untrained_teacher: Path, tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    checkpoint = torch.load(untrained_teacher, weights_only=True)
+    state = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    broken = tmp_path / "nan-teacher.pt"
+    torch.save(checkpoint, broken)
+    args = ["train", "--method", "kd", "--dataset", "imagefolder", "--data-dir", str(pattern_folder), "--val-size",
+            "0", "--epochs", "1", "--teacher", str(broken), "-q"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert (
+        code == 2
+        and err == f"kdsearch: error: teacher {broken} holds NaN or infinite weights ({key}); it cannot teach\n"
+    )
