@@ -25,13 +25,9 @@ from kdsearch.config import DATASETS
 from kdsearch.errors import ConfigError, UserError, shown
 from kdsearch.fsutil import load_verified, save_verified, tensor_sha256
 from kdsearch.images import fit, fit_all, folder_is_gray
+from kdsearch.paths import default_data_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def default_data_dir(dataset: str) -> Path:
-    """Where torchvision-format datasets are downloaded when ``data_dir`` is not given."""
-    return Path(os.environ.get("KDSEARCH_DATA", "data")) / dataset
 
 
 @dataclass

@@ -25,6 +25,7 @@ from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
 from kdsearch.models import build_model, check_model_name, count_parameters
+from kdsearch.paths import data_folder
 from kdsearch.strategies import get_strategy
 from kdsearch.taps import layer_shapes
 from kdsearch.teacher import ensure_default_teacher, load_teacher, model_name_for
@@ -223,7 +224,12 @@ def run_training(
     if out is not None:
         with about("out"):
             refuse_overwriting_inputs(
-                {"out": out}, (config.models.teacher, config.models.student_init, config.data.data_dir)
+                {"out": out},
+                (
+                    config.models.teacher,
+                    config.models.student_init,
+                    data_folder(config.data.dataset, config.data.data_dir),
+                ),
             )
     prepared = prepare(config, progress=progress, log=log)
     if teacher_sha256 is not None and prepared.teacher_checksum not in (None, teacher_sha256):

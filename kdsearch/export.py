@@ -23,7 +23,7 @@ from kdsearch import __version__
 from kdsearch.config import KNOBS, RunConfig
 from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
-from kdsearch.paths import artifact_root
+from kdsearch.paths import artifact_root, data_folder
 from kdsearch.storage import (
     ArtifactDirectory,
     check_storage_url,
@@ -244,7 +244,8 @@ def export_study(
             f"study {shown(study_name)} holds the confirmation runs of {confirms}; export that study (its confirmed "
             "winner comes first)"
         )
-    inputs = (check_storage_url(url, create_parent=False), study.user_attrs.get("data_dir"))
+    attrs = study.user_attrs
+    inputs = (check_storage_url(url, create_parent=False), data_folder(attrs.get("dataset"), attrs.get("data_dir")))
     summary: dict[str, Any] = {}
     if pareto:
         trials = pareto_front(study)

@@ -20,6 +20,19 @@ def home_dir() -> Path:
     return home
 
 
+def default_data_dir(dataset: str) -> Path:
+    """Where torchvision-format datasets are downloaded when ``data_dir`` is not given."""
+    return Path(os.environ.get("KDSEARCH_DATA", "data")) / dataset
+
+
+def data_folder(dataset: str | None, data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The folder a run reads its images from: ``data_dir``, or the download folder of a torchvision
+    dataset (an input like any other: no output may be written inside it)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return default_data_dir(dataset) if dataset and dataset != "imagefolder" else None
+
+
 def cache_dir() -> Path:
     return home_dir() / "cache"
 

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.export import best_trials, confirm_table, confirmation
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
+from kdsearch.paths import data_folder
 from kdsearch.storage import load_existing_study, pareto_front, sqlite_path
 from kdsearch.strategies import METHODS, get_strategy
 
@@ -115,7 +116,7 @@ def write_report(storage_url: str | None, study_name: str, output: str, png_dir:
     if Path(output).suffix not in (".html", ".htm"):
         raise ConfigError("output", f"{output} must end in .html")
     study, url = load_existing_study(storage_url, study_name)
-    inputs = (sqlite_path(url), study.user_attrs.get("data_dir"))
+    inputs = (sqlite_path(url), data_folder(study.user_attrs.get("dataset"), study.user_attrs.get("data_dir")))
     with about("output"):
         refuse_overwriting_inputs({"output": output}, inputs)
     if png_dir is not None:

@@ -28,7 +28,7 @@ from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
 from kdsearch.models import REGISTERED, build_model, check_model_name, count_parameters
-from kdsearch.paths import home_dir
+from kdsearch.paths import data_folder, home_dir
 from kdsearch.settings import TeacherConfig
 from kdsearch.strategies import get_strategy
 from kdsearch.weighted_sum import build_loss
@@ -111,7 +111,7 @@ def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = Fals
     """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
     check_model_name(config.model)
     with about("out"):
-        refuse_overwriting_inputs({"out": out}, (config.data.data_dir,))
+        refuse_overwriting_inputs({"out": out}, (data_folder(config.data.dataset, config.data.data_dir),))
     device = resolve_device(config.device)
     data = config.data
     splits = splits_for(data)

@@ -831,3 +831,23 @@ def test_a_teacher_with_nan_weights_is_named_not_blamed_on_the_learning_rate(
         code == 2
         and err == f"kdsearch: error: teacher {broken} holds NaN or infinite weights ({key}); it cannot teach\n"
     )
+
+
+@pytest.mark.parametrize("command", ["train", "teacher"])
+def test_no_output_inside_the_default_download_folder(
+    command: str, tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --data-dir a torchvision dataset is read from KDSEARCH_DATA/<dataset>: an input folder too."""
+    monkeypatch.setenv("KDSEARCH_DATA", str(tmp_path / "data"))
+    downloaded = tmp_path / "data" / "cifar10"
+    downloaded.mkdir(parents=True)  # a dataset downloaded earlier
+    out = downloaded / "model.pt"
+    args = [command, "--dataset", "cifar10", "--out", str(out), "--epochs", "1", "-q"]
+    code, _, err = run_cli([*args, *(["--method", "ce"] if command == "train" else [])], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        err
+        == f"kdsearch: error: --out {out} is inside {downloaded}, a folder this command reads; "
+        + err.split("a folder this command reads; ")[1]
+    )
+    assert list(downloaded.iterdir()) == []
