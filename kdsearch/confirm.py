@@ -49,6 +49,7 @@ from kdsearch.errors import ConfigError, DivergedError, UserError, shown
 from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
 from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
+from kdsearch.racing import paired_interval, race_rungs, survivors_of
 from kdsearch.search_config import SearchConfig
 from kdsearch.settings import HAND_SET
 from kdsearch.storage import ArtifactDirectory, load_existing_study, open_storage, redact, refuse_read_only
@@ -64,40 +65,6 @@ HEARTBEAT_SECONDS: int = default_of(SearchConfig, "heartbeat")
 ENQUEUED = "enqueued"
 # How often a worker with nothing left to run looks whether the others' runs have finished.
 POLL_SECONDS = 2.0
-# Two-sided 95 % quantiles of Student's t by degrees of freedom; past 30 the normal's 1.96 is within 2 %.
-T_975 = (
-    *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131),
-    *(2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
-)
-
-
-def t_quantile(degrees: int) -> float:
-    return T_975[degrees - 1] if degrees <= len(T_975) else 1.96
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    half_width: float | None  # None with a single pair: no spread to estimate
-    n: int
-
-    @property
-    def excludes_zero(self) -> bool:
-        return self.half_width is not None and abs(self.mean) > self.half_width
-
-    def __str__(self) -> str:
-        spread = f" ± {self.half_width:.2f}" if self.half_width is not None else " (one seed: no interval)"
-        return f"{self.mean:+.2f}{spread}"
-
-
-def paired_interval(first: list[float], second: list[float]) -> Interval:
-    """Mean of the per-seed differences ``first − second`` with its 95 % t interval."""
-    differences = [a - b for a, b in zip(first, second, strict=True)]
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return Interval(mean, None, len(differences))
-    half = t_quantile(len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return Interval(mean, half, len(differences))
 
 
 def companion_name(study_name: str) -> str:
@@ -171,22 +138,6 @@ def _control(study: optuna.Study, against: str, storage_url: str | None, base: R
             f"{shown(against)} names a {control.method} study: a control needs no teacher (ce) or shares the method",
         )
     return control
-
-
-def race_rungs(candidates: int, seeds: int) -> list[int]:
-    """Seeds each surviving candidate has at each rung of successive halving over seeds.
-
-    With n candidates there are k = ⌈log₂ n⌉ halvings: rung i gives ⌈seeds / 2^(k−i)⌉ seeds, the last all of
-    them (3 candidates, 5 seeds: 2, 3, 5). Rungs that would give the same count are one rung.
-    """
-    halvings = math.ceil(math.log2(candidates)) if candidates > 1 else 0
-    return sorted({max(1, math.ceil(seeds / 2 ** (halvings - i))) for i in range(halvings + 1)})
-
-
-def survivors_of(means: dict[str, float], keep: int) -> list[str]:
-    """The ``keep`` best arms by mean validation accuracy (ties: the arm listed first)."""
-    order = sorted(means, key=lambda arm: (-means[arm], list(means).index(arm)))
-    return order[:keep]
 
 
 @dataclass

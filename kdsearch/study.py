@@ -1,4 +1,4 @@
-"""Running a study: create or join it, then run trials in this process or in N worker processes.
+"""Running a study: create or join it, then run its trials (``kdsearch.workers``).
 
 A study's identity (method, data, teacher, epochs…: the config's identity knobs) is recorded in
 its user attributes when it is created, and a later run joins it only when that identity agrees,
@@ -9,12 +9,8 @@ every worker: the running trials close as failed, no new trial starts.
 
 from __future__ import annotations
 
-import multiprocessing
 import random
-import signal
-import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,24 +19,22 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, distribution_to_json
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from kdsearch import __version__
 from kdsearch.config import MAX_SEED, RunConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
-from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated, shown
+from kdsearch.errors import ConfigError, shown
 from kdsearch.objective import Objective
 from kdsearch.paths import check_artifact_root
 from kdsearch.progress import TrialProgress
+from kdsearch.samplers import make_pruner, make_sampler
 from kdsearch.search_config import OBJECTIVES, SearchConfig
 from kdsearch.spaces import (
     Space,
     baseline_params,
     build_methods_space,
     build_space,
-    grid_of,
-    is_conditional,
     methods_baselines,
     parse_assignments,
 )
@@ -56,55 +50,7 @@ from kdsearch.storage import (
     refuse_read_only,
 )
 from kdsearch.strategies import AUTO, METHODS, get_strategy
-
-# Seconds a worker gets to close its running trial after Ctrl-C/SIGTERM before it is killed.
-WORKER_GRACE_SECONDS = 20.0
-
-
-def make_sampler(name: str, seed: int | None, space: Space) -> optuna.samplers.BaseSampler:
-    """TPE (multivariate, constant liar for parallel workers), random, CMA-ES or grid.
-
-    Across methods TPE models each method's parameters as their own group (``group=True``), the way
-    Optuna's TPE handles a define-by-run space; CMA-ES and grid need one fixed space and refuse it.
-    """
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    conditional = is_conditional(space)
-    if conditional and name == "cmaes":
-        raise ConfigError("sampler", "cmaes samples one fixed space; a study across methods needs tpe or random")
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, warn_independent_sampling=False, independent_sampler=optuna.samplers.TPESampler(seed=seed)
-        )
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
-    if not conditional:
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is experimental
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
-        )
-
-
-def make_pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
-    """ASHA by default (README "Choosing the sampler and pruner"); none for several objectives.
-
-    ASHA's rungs sit at epochs r, 3r, 9r… (r = epochs/5: 2 and 6 of a 10-epoch run); at each, a
-    trial goes on only when it is in the best third of the trials that reached it. Median and
-    percentile prune nothing in the first trials or before their warm-up epochs.
-    """
-    if search.multi_objective or search.pruner == "none":
-        return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
-    if search.pruner == "asha":
-        first_rung = max(1, epochs // 5) if search.pruner_warmup is None else max(1, search.pruner_warmup)
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
-    warm = max(0, epochs // 4) if search.pruner_warmup is None else search.pruner_warmup
-    if search.pruner == "percentile":
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=search.pruner_startup, n_warmup_steps=warm)
-    if search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-    return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup, n_warmup_steps=warm)
+from kdsearch.workers import run_trials, run_workers
 
 
 def teacher_saw_validation(prepared: Prepared) -> bool:
@@ -381,129 +327,6 @@ def _bar_total(search: SearchConfig, finished_before: int) -> int | None:
     if search.trials is None:
         return None
     return max(search.trials - finished_before, 0) if search.total else search.trials
-
-
-def run_trials(
-    study: optuna.Study, objective: Objective, search: SearchConfig, callbacks: list[Any], trials: int | None
-) -> None:
-    """Run ``trials`` trials, or with ``total`` until the study holds that many finished trials."""
-    if not search.total:
-        study.optimize(objective, n_trials=trials, timeout=search.timeout, callbacks=callbacks)
-        return
-    assert search.trials is not None
-    # Running trials count as claimed, so parallel workers stop together instead of overshooting.
-    claimed = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    if len(study.get_trials(deepcopy=False, states=claimed)) >= search.trials:
-        return
-    callbacks = [*callbacks, MaxTrialsCallback(search.trials, states=claimed)]
-    study.optimize(objective, n_trials=None, timeout=search.timeout, callbacks=callbacks)
-
-
-def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, errors: Any) -> None:
-    """One worker process: its own data copy and sampler, the shared study, its share of trials."""
-    import torch
-
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        torch.set_num_threads(threads)
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        prepared = prepare(plan.config, augmentations=plan.augmentations(), methods=plan.methods)
-        storage = open_storage(plan.storage_url, heartbeat=plan.search.heartbeat)
-        study = optuna.load_study(
-            study_name=plan.study_name, storage=storage, sampler=plan.sampler(worker), pruner=plan.pruner()
-        )
-        if worker > 0:
-            _let_earlier_workers_claim_first(study, worker)
-        run_trials(study, plan.objective(prepared), plan.search, [], trials)
-    except KeyboardInterrupt as exc:
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
-    except UserError as exc:
-        # A ConfigError stays one (it pickles), so the parent says its field as a flag.
-        errors.put(("user", exc if isinstance(exc, ConfigError) else UserError(str(exc))))
-        sys.exit(2)
-    except Exception:  # noqa: BLE001 - a bug in a worker: its traceback goes to the parent
-        errors.put(("bug", traceback.format_exc()))
-        sys.exit(1)
-
-
-def _let_earlier_workers_claim_first(study: optuna.Study, worker: int, timeout: float = 120.0) -> None:
-    """Hold worker k back until the k workers before it have each claimed one of the enqueued trials.
-
-    SQLite has no row locks, so two workers asking for a trial at the same moment could both claim
-    the same waiting trial. Workers start together, so that moment is the start: staggering the
-    first claims removes it (later claims fall at trial ends, seconds apart). A study across methods
-    starts with one waiting trial per method, so workers do not wait for all of them to be taken.
-    The wait is bounded, so a stuck worker cannot hold the others forever.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        trials = study.get_trials(deepcopy=False)
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
-        claimed = sum(t.state != TrialState.WAITING for t in trials if "baseline" in t.user_attrs)
-        if waiting == 0 or claimed >= worker:
-            return
-        time.sleep(0.2)
-
-
-def _shares(search: SearchConfig) -> list[int | None]:
-    if search.trials is None or search.total:
-        return [search.trials if search.total else None] * search.n_jobs
-    shares = [
-        search.trials // search.n_jobs + (1 if i < search.trials % search.n_jobs else 0) for i in range(search.n_jobs)
-    ]
-    return [s for s in shares if s]
-
-
-def run_workers(plan: SearchPlan, study: optuna.Study, bar: TrialProgress) -> None:
-    """Worker processes on the same study, CPU threads split between them; signals reach them all."""
-    import torch
-
-    context = multiprocessing.get_context("spawn")
-    errors = context.Queue()
-    shares = _shares(plan.search)
-    threads = max(1, torch.get_num_threads() // len(shares))
-    workers = [
-        context.Process(target=_worker, args=(plan, i, share, threads, errors), daemon=True)
-        for i, share in enumerate(shares)
-    ]
-    for process in workers:
-        process.start()
-    try:
-        while any(p.is_alive() for p in workers):
-            workers[0].join(timeout=1.0)
-            bar.poll()
-    except KeyboardInterrupt as exc:
-        _stop_workers(workers, forward=isinstance(exc, Terminated))
-        raise
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    for kind, error in failures:
-        if kind == "user":
-            raise error
-    if failures:
-        raise RuntimeError("a worker failed:\n" + failures[0][1])
-
-
-def _stop_workers(workers: list[Any], *, forward: bool) -> None:
-    """Let every worker close its running trial, then make sure none is left.
-
-    SIGTERM reached this process only: it is passed on at once. Ctrl-C in a terminal reached the
-    whole process group, so the workers are already closing their trials; those that are still
-    running after a moment (the signal was sent to this process alone) get SIGTERM too.
-    """
-    if not forward:
-        deadline = time.monotonic() + 2.0
-        for process in workers:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in workers:
-        if process.is_alive():
-            process.terminate()
-    deadline = time.monotonic() + WORKER_GRACE_SECONDS
-    for process in workers:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
 
 
 def summarise(study: optuna.Study, plan: SearchPlan, seconds: float) -> dict[str, Any]:

@@ -19,9 +19,10 @@ import yaml
 from optuna.trial import TrialState
 
 from kdsearch.config import RECIPE_SPACE, RunConfig
-from kdsearch.confirm import race_rungs, run_of, survivors_of
+from kdsearch.confirm import run_of
 from kdsearch.errors import ConfigError
 from kdsearch.export import trial_run_config
+from kdsearch.racing import race_rungs, survivors_of
 from kdsearch.spaces import Arms, build_methods_space, suggest
 from kdsearch.strategies import METHODS, get_strategy, methods_of
 from tests.helpers import StubTrainer, load_study, run_cli

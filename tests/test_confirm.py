@@ -14,7 +14,8 @@ import yaml
 from optuna.trial import TrialState
 
 from kdsearch.config import RunConfig
-from kdsearch.confirm import ConfirmObjective, _enqueue, paired_interval, run_of, t_quantile
+from kdsearch.confirm import ConfirmObjective, _enqueue, run_of
+from kdsearch.racing import paired_interval, t_quantile
 from tests.helpers import (
     POSTGRES_URL,
     StubTrainer,

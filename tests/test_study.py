@@ -15,9 +15,10 @@ from optuna.trial import TrialState
 from kdsearch.config import RecipeConfig, RunConfig
 from kdsearch.distill import Prepared
 from kdsearch.errors import DivergedError
+from kdsearch.samplers import make_pruner
 from kdsearch.search_config import SearchConfig
 from kdsearch.strategies import METHODS, get_strategy
-from kdsearch.study import make_pruner, teacher_saw_validation
+from kdsearch.study import teacher_saw_validation
 from tests.helpers import CPU, StubTrainer, check_new_study, load_study, run_cli, stub_splits
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
