@@ -231,7 +231,8 @@ class SearchPlan:
 
     def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
         # Each worker gets its own sampler seed: identical seeds would propose identical trials.
-        return make_sampler(self.search.sampler, (self.sampler_seed + worker) % (MAX_SEED + 1), self.space)
+        seed = (self.sampler_seed + worker) % (MAX_SEED + 1)
+        return make_sampler(self.search.sampler, seed, self.space, self.search.trials)
 
     def pruner(self) -> optuna.pruners.BasePruner:
         return make_pruner(self.search, self.config.recipe.epochs)

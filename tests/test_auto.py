@@ -290,3 +290,21 @@ def test_joining_a_study_with_other_categorical_choices_is_refused_before_a_tria
     assert not any(t.state == TrialState.FAIL for t in trials)
     # Numeric ranges may move, and the same choices join as before.
     assert search("--trials", "1", "--study-name", "s", "--space", narrow, "--lr", "0.002", method=method)[0] == 0
+
+
+def test_every_method_gets_its_share_of_trials_before_tpe_picks_the_method(
+    search, home: Path, stub: StubTrainer
+) -> None:
+    """TPE alone settles on whichever method leads early; half the study is spread evenly over the methods."""
+    from collections import Counter
+
+    from kdsearch.samplers import even_floor
+
+    stub.val = lambda config: 90.0 if config.method == "ce" else 10.0  # ce leads from the first trial
+    assert search("--trials", "36", "--sampler-seed", "4", "--pruner", "none", method="auto")[0] == 0
+    trials = load_study(home, "auto-imagefolder").get_trials()
+    tried = Counter(t.params["method"] for t in trials)
+    assert even_floor(36, len(METHODS)) == 3 and min(tried[m] for m in METHODS) >= 3, tried
+    # Until every method has its share, the least-tried one is drawn: the first 18 trials cover each 3 times.
+    assert Counter(t.params["method"] for t in trials[:18]) == dict.fromkeys(METHODS, 3)
+    assert tried["ce"] > 3  # then TPE follows the leader
