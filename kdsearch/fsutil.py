@@ -197,6 +197,28 @@ def refuse_overwriting_inputs(
                     f"{option} {path} is inside {source}, a folder this command reads; "
                     "every file there is an input: write it elsewhere"
                 )
+        check_writable(path.absolute().parent, f"{option} {path}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """``folder`` (made later if missing) can take new files: checked before the work that would write there.
+
+    The nearest folder that exists must be writable — ``os.access`` also says no on a read-only
+    file system, whoever runs.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only_mount(existing) else "not writable"
+        raise UserError(f"{what}: cannot write in {existing}: it is {reason}")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _created_parents(target: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from kdsearch.errors import UserError
+from kdsearch.fsutil import check_writable
 
 
 def home_dir() -> Path:
@@ -34,7 +35,10 @@ def data_folder(dataset: str | None, data_dir: str | os.PathLike[str] | None) ->
 
 
 def cache_dir() -> Path:
-    return home_dir() / "cache"
+    """``<home>/cache``, checked writable: every cache is written there, and its lock files even to read one."""
+    folder = home_dir() / "cache"
+    check_writable(folder, f"the cache folder {folder} (KDSEARCH_HOME/cache)")
+    return folder
 
 
 def artifact_root() -> Path:

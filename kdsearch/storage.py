@@ -20,6 +20,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from kdsearch.errors import UserError, shown
+from kdsearch.fsutil import check_writable
 from kdsearch.paths import artifact_root, home_dir
 
 # Attempts to open a storage whose tables another worker is creating at the same moment.
@@ -170,9 +171,13 @@ def is_read_only(url: str) -> bool:
 
 
 def refuse_read_only(url: str) -> None:
-    """Commands that write (optimize, confirm) refuse a read-only SQLite URI before they do any work."""
+    """Commands that write (optimize, confirm) refuse a read-only SQLite URI, or a SQLite file whose folder
+    cannot be written (SQLite writes its journal beside it), before they do any work."""
     if is_read_only(url):
         raise UserError(f"storage {redact(url)} is opened read-only (mode=ro): this command writes to it")
+    path = sqlite_path(url)
+    if path is not None:
+        check_writable(path.absolute().parent, f"storage {path}")
 
 
 def check_storage_url(url: str, *, create_parent: bool) -> Path | None:

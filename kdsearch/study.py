@@ -264,7 +264,7 @@ def plan_search(config: RunConfig, search: SearchConfig, methods: tuple[str, ...
     plan.sampler(0)  # a grid too large to enumerate fails here, before anything is created
     if search.storage is not None:
         check_storage_url(url, create_parent=False)
-        refuse_read_only(url)
+    refuse_read_only(url)
     return plan
 
 

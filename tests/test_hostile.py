@@ -416,7 +416,8 @@ def small_mount(where: Path, options: str) -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=False)
+        # Lazy: a file a failed write left open (its exception still referenced) must not keep it mounted.
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture()
@@ -462,7 +463,7 @@ def test_export_to_a_read_only_or_full_disk_keeps_the_old_files(
     for path, content in old.items():
         path.write_bytes(content)
     err = one_line_error(*run_cli([*exported_study, "-o", read_only_place / "x.yaml", "--checkpoint", best], capsys))
-    assert "--output" in err and "Read-only file system" in err, err
+    assert "--output" in err and "read-only file system" in err.lower(), err
     err = one_line_error(*run_cli([*exported_study, "-o", config, "--checkpoint", full_best], capsys))
     assert "--checkpoint" in err and "No space left" in err, err
     assert_untouched(old, tmp_path, full_disk)
@@ -743,20 +744,9 @@ def test_image_folder_mistakes_are_one_line(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.fixture()
-def small_disk(tmp_path: Path):
-    """A 2 MB tmpfs, where the test may mount one (root); skipped with the reason where it cannot."""
-    import subprocess
-
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip() or made.returncode}")
-    try:
-        yield mount
-    finally:
-        # Lazy: a file a failed write left open (its exception still referenced) must not keep it mounted.
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs: too small for a cache and the margin kept beside it."""
+    yield from small_mount(tmp_path / "small-disk", "size=2M")
 
 
 def test_a_cache_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
@@ -851,3 +841,46 @@ def test_no_output_inside_the_default_download_folder(
         + err.split("a folder this command reads; ")[1]
     )
     assert list(downloaded.iterdir()) == []
+
+
+def test_read_only_places_are_one_line_before_any_work(
+    read_only_place: Path,
+    search,
+    home: Path,
+    stub: StubTrainer,
+    pattern_folder: Path,
+    untrained_teacher: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ro = read_only_place
+    said = "is a read-only file system"
+    data = ["--dataset", "imagefolder", "--data-dir", str(pattern_folder), "--val-size", "0", "--epochs", "1", "-q"]
+    assert search("--trials", "1")[0] == 0 and stub.runs  # a study to report on, in the writable home
+    stub.runs.clear()
+    cases = {
+        "storage": lambda: search("--trials", "1", "--storage", f"sqlite:///{ro}/s.db"),
+        "train --out": lambda: run_cli(["train", "--method", "ce", *data, "--out", str(ro / "s.pt")], capsys),
+        "teacher --out": lambda: run_cli(["teacher", *data, "--out", str(ro / "t.pt")], capsys),
+        "report -o": lambda: run_cli(["report", "--study-name", "kd-imagefolder", "-o", str(ro / "r.html")], capsys),
+        "report --png": lambda: run_cli(
+            ["report", "--study-name", "kd-imagefolder", "-o", str(home.parent / "r.html"), "--png", str(ro / "p")],
+            capsys,
+        ),
+    }
+    for case, run in cases.items():
+        code, _, err = run()
+        assert code == 2 and err.count("\n") == 1 and said in err, (case, err)
+    assert not (home.parent / "r.html").exists()  # report --png failed before it wrote the HTML
+    # A read-only KDSEARCH_HOME: the cache folder (its lock files too) is refused before decoding.
+    monkeypatch.setenv("KDSEARCH_HOME", str(ro / "home"))  # a home that would be made there
+    code, _, err = run_cli(["train", "--method", "ce", *data], capsys)
+    assert code == 2 and err.startswith("kdsearch: error: the cache folder ") and said in err, err
+    # A read-only working directory with the default home (studies/ there) and storage.
+    monkeypatch.delenv("KDSEARCH_HOME")
+    monkeypatch.chdir(ro)
+    code, _, err = search("--trials", "1")
+    assert (
+        code == 2 and err.startswith("kdsearch: error: storage studies/kdsearch.db: cannot write in ") and said in err
+    )
+    assert stub.runs == []
