@@ -113,7 +113,7 @@ def table(result: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10-jpeg")
-    parser.add_argument("--trials", type=int, default=100, help="the study's total of finished trials")
+    parser.add_argument("--trials", type=int, default=80, help="the study's total of finished trials")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=5)
