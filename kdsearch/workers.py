@@ -10,13 +10,15 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.distill import prepare
 from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
@@ -32,20 +34,77 @@ if TYPE_CHECKING:
 WORKER_GRACE_SECONDS = 20.0
 
 
+class SignalsBetweenTrials:
+    """Ctrl-C and SIGTERM interrupt a trial's training, never Optuna's bookkeeping around it.
+
+    A signal that arrives while Optuna records a finished trial (or asks for the next one) would
+    unwind out of the storage write and leave that trial RUNNING until its heartbeat went stale. Here
+    such a signal waits: it is raised once the trial is recorded (from the callback Optuna calls
+    after it), or as the next trial's objective starts, where Optuna records the trial as failed.
+    """
+
+    def __init__(self) -> None:
+        self.in_objective = False
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalsBetweenTrials:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.pending is not None and exc[0] is None:
+            self._raise()
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self.in_objective:
+            self._raise(signum)
+        self.pending = signum
+
+    def _raise(self, signum: int | None = None) -> None:
+        signum = self.pending if signum is None else signum
+        self.pending = None
+        if signum == signal.SIGTERM:
+            raise Terminated(signum)
+        raise KeyboardInterrupt
+
+    def objective(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+        def run(trial: optuna.Trial) -> Any:
+            if self.pending is not None:
+                self._raise()
+            self.in_objective = True
+            try:
+                return objective(trial)
+            finally:
+                self.in_objective = False
+
+        return run
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """An Optuna callback: the trial is recorded, a signal that waited is raised now."""
+        if self.pending is not None:
+            self._raise()
+
+
 def run_trials(
     study: optuna.Study, objective: Objective, search: SearchConfig, callbacks: list[Any], trials: int | None
 ) -> None:
     """Run ``trials`` trials, or with ``total`` until the study holds that many finished trials."""
-    if not search.total:
-        study.optimize(objective, n_trials=trials, timeout=search.timeout, callbacks=callbacks)
-        return
-    assert search.trials is not None
-    # Running trials count as claimed, so parallel workers stop together instead of overshooting.
-    claimed = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    if len(study.get_trials(deepcopy=False, states=claimed)) >= search.trials:
-        return
-    callbacks = [*callbacks, MaxTrialsCallback(search.trials, states=claimed)]
-    study.optimize(objective, n_trials=None, timeout=search.timeout, callbacks=callbacks)
+    with SignalsBetweenTrials() as signals:
+        run = signals.objective(objective)
+        if not search.total:
+            study.optimize(run, n_trials=trials, timeout=search.timeout, callbacks=[signals.after_trial, *callbacks])
+            return
+        assert search.trials is not None
+        # Running trials count as claimed, so parallel workers stop together instead of overshooting.
+        claimed = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        if len(study.get_trials(deepcopy=False, states=claimed)) >= search.trials:
+            return
+        callbacks = [signals.after_trial, *callbacks, MaxTrialsCallback(search.trials, states=claimed)]
+        study.optimize(run, n_trials=None, timeout=search.timeout, callbacks=callbacks)
 
 
 def _worker(plan: SearchPlan, worker: int, trials: int | None, threads: int, errors: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import optuna
@@ -278,3 +280,40 @@ def test_a_teacher_saw_the_validation_rows_unless_it_held_as_many_out(
     prepared.teacher_metadata = {} if teacher_held_out is None else {"data": {"val_size": teacher_held_out}}
     assert teacher_saw_validation(prepared) is saw
     assert not teacher_saw_validation(Prepared(config, CPU, stub_splits(search_val_size, "x")))  # no teacher
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_optuna_records_a_trial_waits_until_it_is_recorded(sig: int) -> None:
+    """The race that left a trial RUNNING: a signal during the storage write of its COMPLETE state."""
+    from kdsearch.errors import Terminated
+    from kdsearch.workers import run_trials
+
+    study = optuna.create_study(direction="maximize")
+    storage = study._storage
+    record = storage.set_trial_state_values
+
+    def recording_with_a_signal(trial_id: int, state: TrialState, values=None) -> bool:
+        if state == TrialState.COMPLETE:
+            os.kill(os.getpid(), sig)  # delivered here, in the middle of Optuna's bookkeeping
+        return record(trial_id, state, values)
+
+    storage.set_trial_state_values = recording_with_a_signal
+    with pytest.raises(Terminated if sig == signal.SIGTERM else KeyboardInterrupt):
+        run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), SearchConfig(trials=5), [], 5)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE  # recorded whole, then the signal was raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+
+def test_a_signal_during_training_fails_the_trial_as_before() -> None:
+    from kdsearch.workers import run_trials
+
+    study = optuna.create_study(direction="maximize")
+
+    def training(trial: optuna.Trial) -> float:
+        os.kill(os.getpid(), signal.SIGINT)
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, training, SearchConfig(trials=5), [], 5)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
