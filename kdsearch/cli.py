@@ -32,7 +32,7 @@ from kdsearch.config import (
     RunConfig,
     file_key,
 )
-from kdsearch.errors import RunFailedError, Terminated, UserError, raise_terminated, speak
+from kdsearch.errors import Interrupted, RunFailedError, Terminated, UserError, raise_terminated, speak
 from kdsearch.knobs import knobs_of
 from kdsearch.search_config import SearchConfig
 from kdsearch.settings import (
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     except RunFailedError as exc:
         echo_error(str(exc))
         sys.exit(EXIT_RUN_FAILED)
+    except Interrupted as exc:
+        click.echo(f"kdsearch: {exc}", err=True)
+        sys.exit(143 if exc.terminated else 130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

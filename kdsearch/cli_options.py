@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from kdsearch.errors import ConfigError, UserError, speak
+from kdsearch.errors import ConfigError, Interrupted, Terminated, UserError, speak
 from kdsearch.knobs import Knob, default_of, knobs_of
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -110,6 +110,9 @@ class Command(click.Command):
             return super().invoke(ctx)
         except ConfigError as exc:
             raise UserError(exc.say(words(ctx))) from None
+        except KeyboardInterrupt as exc:
+            # click's own handler would print an empty line before our "kdsearch: interrupted"
+            raise Interrupted(isinstance(exc, Terminated)) from None
 
 
 class Group(click.Group):

@@ -132,6 +132,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so Optuna closes the running trial (as failed) before we exit."""
 
 
+class Interrupted(Exception):  # noqa: N818 - what the user did, not an error of the program
+    """Ctrl-C or SIGTERM inside a command, carried past click (whose own handler prints an empty line)."""
+
+    def __init__(self, terminated: bool) -> None:
+        super().__init__("terminated" if terminated else "interrupted")
+        self.terminated = terminated
+
+
 def raise_terminated(signum: int, _frame: object) -> None:
     """A SIGTERM handler: unwind like Ctrl-C, so every ``finally`` and Optuna's trial bookkeeping run."""
     raise Terminated(signum)

@@ -223,7 +223,7 @@ def test_an_interrupted_race_resumes_without_running_any_run_twice(
 
     stub.val = interrupted_once
     code, _, err = run_cli(["confirm", "--study-name", "auto-imagefolder", "-q"], capsys)
-    assert code == 130 and err.endswith("kdsearch: interrupted\n")
+    assert code == 130 and err == "kdsearch: interrupted\n"  # one line: no empty one before it
     stub.val = honest
     code, out, err = run_cli(["confirm", "--study-name", "auto-imagefolder", "--json", "-q"], capsys)
     assert code == 0, err
