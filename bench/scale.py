@@ -87,6 +87,7 @@ def main() -> int:
     copy = args.copy or source.parent / f"bench-scale-{SIZE}"
     home = args.home or Path(tempfile.mkdtemp(prefix="kdsearch-scale-"))
     rows: dict[str, Any] = {"copy": str(copy), "home": str(home), "build": build_copy(source, copy)}
+    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     data = ["--dataset", "imagefolder", "--data-dir", str(copy)]
     rows["decode"] = run("decode and cache", ["train", "--method", "ce", *data, "--val-size", "0", "--epochs", "1",
                                                "--limit-train", "64"], home)  # fmt: skip

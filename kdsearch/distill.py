@@ -9,6 +9,7 @@ own config (the study's, with the trial's values).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +85,8 @@ def prepare(
             data, models.teacher_model, models.teacher_preset, splits, device, progress=progress, log=log
         )
     teacher = load_teacher(path, models.teacher_model, splits, device)
-    # The tapped layer is cached even for logit-only methods (when the teacher has it), so one
-    # pass of the teacher serves kd, cosine, regressor and hybrid runs alike.
-    has_layer = models.teacher_layer in dict(teacher.model.named_modules())
-    layer = models.teacher_layer if feature_methods or has_layer else None
     views = views_of(augmentations if augmentations is not None else config.recipe.augment, splits.train.population)
+    layer = _cached_layer(teacher.model, models.teacher_layer, splits, device, views, needed=bool(feature_methods))
     if feature_methods and not set(views) <= set(FEATURE_VIEWS):
         raise ConfigError(
             "augment",
@@ -99,6 +97,28 @@ def prepare(
     cached = cached_teacher_outputs(teacher.model, teacher.checksum, splits, layer, device, views)
     outputs = cached.outputs if feature_methods else cached.outputs.without_features()
     return Prepared(config, device, splits, outputs, path, teacher.checksum, cached.seconds, teacher.metadata)
+
+
+# Features a logit-only run caches beside the logits, so that one pass of the teacher also serves later
+# feature methods on the same data: only while they stay this small (CIFAR-10's 32x8x8 map: ~370 MB a view).
+SHARED_FEATURES_BYTES = 1 << 30
+
+
+def _cached_layer(
+    teacher: nn.Module, layer: str, splits: TensorSplits, device: torch.device, views: tuple[Any, ...], *, needed: bool
+) -> str | None:
+    """The layer whose features are cached: always when a method needs them, else when they are small.
+
+    A 224-pixel image's 16x56x56 map is 200 KB: 10 GB for 50,000 images, held in memory while it is
+    computed — a cost a logit method should not pay for a feature method that may never run.
+    """
+    if needed:
+        return layer
+    if layer not in dict(teacher.named_modules()):
+        return None
+    shape = feature_shape(teacher, layer, splits.train.head(), device)
+    size = len(splits.train) * math.prod(shape) * 4 * sum(view in FEATURE_VIEWS for view in views)
+    return layer if size <= SHARED_FEATURES_BYTES else None
 
 
 @dataclass
