@@ -241,15 +241,19 @@ def reuse_search_runs(companion: optuna.Study, arms: Arms, prepared: Prepared, s
 
 
 def _same_run(recorded: Any, wanted: dict[str, Any]) -> bool:
-    """Whether a checkpoint's recorded config is this run's. The teacher is compared by the study's
-    identity (its checksum), not by path: a search given no teacher records none, its study the file."""
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("models"), dict):
+    """Whether a checkpoint's recorded config is this run's. The teacher and the data are compared by the
+    study's identity (their checksums), not by path: a search given no teacher records none and its
+    study the file, and a relative data folder is recorded as given, the study's resolved."""
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(s), dict) for s in ("models", "data")):
         return False
 
-    def without_teacher_path(config: dict[str, Any]) -> dict[str, Any]:
-        return config | {"models": {k: v for k, v in config["models"].items() if k != "teacher"}}
+    def without_paths(config: dict[str, Any]) -> dict[str, Any]:
+        return config | {
+            "models": {k: v for k, v in config["models"].items() if k != "teacher"},
+            "data": {k: v for k, v in config["data"].items() if k != "data_dir"},
+        }
 
-    return without_teacher_path(recorded) == without_teacher_path(wanted)
+    return without_paths(recorded) == without_paths(wanted)
 
 
 def _tested_artifact(prepared: Prepared, config: RunConfig, artifact_id: str) -> float | None:

@@ -308,3 +308,14 @@ def test_every_method_gets_its_share_of_trials_before_tpe_picks_the_method(
     # Until every method has its share, the least-tried one is drawn: the first 18 trials cover each 3 times.
     assert Counter(t.params["method"] for t in trials[:18]) == dict.fromkeys(METHODS, 3)
     assert tried["ce"] > 3  # then TPE follows the leader
+
+
+def test_a_kept_student_is_the_run_whatever_paths_its_config_was_given_with() -> None:
+    """A search given relative paths (or no teacher) records them so; the study records them resolved."""
+    from kdsearch.confirm import _same_run
+
+    wanted = RunConfig.read({"dataset": "imagefolder", "data_dir": "/abs/data", "teacher": "/abs/t.pt"}).to_dict()
+    recorded = RunConfig.read({"dataset": "imagefolder", "data_dir": "../data", "teacher": None}).to_dict()
+    assert _same_run(recorded, wanted)
+    other_seed = RunConfig.read({"dataset": "imagefolder", "data_dir": "../data", "seed": 43}).to_dict()
+    assert not _same_run(other_seed, wanted) and not _same_run({"models": {}}, wanted) and not _same_run(None, wanted)
