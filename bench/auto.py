@@ -85,7 +85,7 @@ def per_method_rows(storage: str) -> list[dict[str, Any]]:
     for method in PER_METHOD:
         search, check = cost(storage, f"bench-{method}"), cost(storage, f"bench-{method}-confirm")
         row = next((r for r in studies if r["method"] == method), {})
-        control = row.get("chosen_minus", {}).get("bench-ce", {}).get("interval") if method != "ce" else None
+        control = row.get("chosen_minus", {}).get("control-bench-ce", {}).get("interval") if method != "ce" else None
         rows.append({"study": f"bench-{method}", "search": search, "confirm": check,
                      "chosen_test_median": row.get("chosen_test_median"), "minus_ce_control": control})  # fmt: skip
     return rows
