@@ -184,6 +184,17 @@ def load_splits(
     return TensorSplits(dataset, train, val, test, decoded.classes, mean, std, decoded.fingerprint)
 
 
+# CIFAR-10's 32x32 images are inferred this many at a time; larger ones fewer (a 224-pixel batch of 1,024
+# held ~7 GB of activations), so an inference batch holds about the same number of pixels at any size.
+CIFAR_PIXELS = 32 * 32
+
+
+def inference_batch(images: Tensor | Split, batch_size: int) -> int:
+    """Rows per inference batch: ``batch_size`` 32x32 images' worth of pixels, at least one image."""
+    height, width = images.shape[-2:]
+    return max(1, min(batch_size, batch_size * CIFAR_PIXELS // (int(height) * int(width))))
+
+
 def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (N, C, H, W) → float32 ``(x/255 - mean)/std``, elementwise (the same floats for any batch).
 

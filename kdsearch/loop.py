@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsearch.config import RecipeConfig
-from kdsearch.data import Split
+from kdsearch.data import Split, inference_batch
 from kdsearch.errors import ConfigError, DivergedError, UserError, shown
 from kdsearch.losses import LossInputs
 from kdsearch.taps import FeatureTap
@@ -262,6 +262,7 @@ def predict(
 ) -> Tensor:
     """Logits for ``images`` (a tensor of normalised images, or a split) in large inference batches, model in eval."""
     model.eval()
+    batch_size = inference_batch(images, batch_size)
     chunks = images.chunks(batch_size) if isinstance(images, Split) else images.split(batch_size)
     return torch.cat([model(as_input(chunk, device)) for chunk in chunks])
 

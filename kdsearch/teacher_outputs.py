@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
-from kdsearch.data import Split
+from kdsearch.data import Split, inference_batch
 from kdsearch.fsutil import load_verified, save_verified
 from kdsearch.paths import cache_dir
 from kdsearch.taps import FeatureTap
@@ -101,6 +101,7 @@ def compute_teacher_outputs(
     takes ``rows``.
     """
     teacher.eval()
+    batch_size = inference_batch(images, batch_size)
     logits: list[Tensor] = []
     features: list[Tensor] = []
     chunks: Iterable[tuple[Tensor, Tensor | None]]
