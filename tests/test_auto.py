@@ -319,3 +319,26 @@ def test_a_kept_student_is_the_run_whatever_paths_its_config_was_given_with() ->
     assert _same_run(recorded, wanted)
     other_seed = RunConfig.read({"dataset": "imagefolder", "data_dir": "../data", "seed": 43}).to_dict()
     assert not _same_run(other_seed, wanted) and not _same_run({"models": {}}, wanted) and not _same_run(None, wanted)
+
+
+@pytest.mark.slow
+def test_an_auto_pick_exported_is_what_train_config_trains(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end, real trainings: a small study across methods, its best exported, `train --config` on it."""
+    from tests.helpers import optimize_args
+
+    args = optimize_args(pattern_folder, pattern_teacher, "--trials", "8", "--sampler-seed", "5", method="auto")
+    assert run_cli([*args, "--pruner", "none"], capsys)[0] == 0
+    study = load_study(home, "auto-imagefolder")
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, -t.number))
+    path = tmp_path / "best.yaml"
+    assert run_cli(["export", "--study-name", "auto-imagefolder", "-o", path], capsys)[0] == 0
+    exported = yaml.safe_load(path.read_text())
+    assert exported["loss"]["method"] == best.params["method"] and exported["source"]["trial"] == best.number
+    code, out, err = run_cli(["train", "--config", path, "--json", "-q"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == best.params["method"]
+    assert result["config"] == {key: exported[key] for key in ("data", "models", "recipe", "loss")}
+    assert 0.0 <= result["test_accuracy"] <= 100.0
