@@ -73,7 +73,8 @@ class Objective:
             if self.multi:
                 return
             trial.report(report.val_accuracy, report.epoch)
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: the trial completes with its value.
+            if report.epoch < config.recipe.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {report.epoch} with {report.val_accuracy:.2f}%")
 
         try:

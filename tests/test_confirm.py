@@ -123,7 +123,7 @@ def test_confirm_trains_every_run_and_export_and_report_say_what_it_found(
     """End to end: real trainings of a search, its confirmation, then export and the report read it back."""
     args = optimize_args(pattern_folder, pattern_teacher, "--trials", "3", "--pruner", "none", "--sampler-seed", "1")
     assert run_cli(args, capsys)[0] == 0
-    summary = confirm(capsys, "--top", "2", "--seeds", "2")
+    summary = confirm(capsys, "--top", "2", "--seeds", "2", "--no-race")
     companion = load_study(home, "kd-imagefolder-confirm")
     trials = companion.get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)  # (2 configs + hand-set) x 2
@@ -270,7 +270,7 @@ def test_two_confirm_workers_share_one_postgres_study(
     try:
         args = optimize_args(pattern_folder, pattern_teacher, "--trials", "2", "--study-name", name, *storage)
         assert run_cli(args, capsys)[0] == 0
-        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--json", "-q", *storage]
+        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--no-race", "--json", "-q", *storage]
         workers = [spawn(command, home) for _ in range(2)]
         summaries = []
         for worker in workers:

@@ -3,6 +3,7 @@ what it reports and returns, when it is pruned, which students it keeps. Each te
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -143,3 +144,12 @@ def test_pinned_values_reach_the_run_and_are_recorded(prepared: Prepared, stub: 
     assert "lr" not in trial.params and "temperature" not in trial.params
     assert trial.user_attrs["pinned"] == {"lr": 0.003, "temperature": 4.0}
     assert stub.runs[0].recipe.lr == 0.003 and stub.runs[0].loss.params["temperature"] == 4.0
+
+
+def test_the_last_epoch_is_never_pruned(prepared: Prepared, tmp_path: Path) -> None:
+    """After the last epoch pruning saves nothing: the trial completes with its value (ASHA's rung may be there)."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1000.0))
+    with pytest.raises(optuna.TrialPruned, match=r"^pruned at epoch 1 "):
+        objective_for(prepared, tmp_path)(study.ask())  # three epochs: pruned after the first
+    one_epoch = dataclasses.replace(prepared, config=prepared.config.with_values({"epochs": 1}))
+    assert isinstance(objective_for(one_epoch, tmp_path)(study.ask()), float)  # one epoch: it completes
