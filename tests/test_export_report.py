@@ -54,7 +54,12 @@ def test_export_ranks_trials_best_first_and_ties_by_trial_number(
 def test_an_exported_config_is_the_trials_run_and_train_reads_it_back(
     search, home: Path, tmp_path: Path, trained: list[RunConfig], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert search("--trials", "3", "--fix", "temperature=3", "--seed", "7", "--study-name", "e", epochs=2)[0] == 0
+    assert (
+        search(
+            "--trials", "3", "--fix", "temperature=3", "--seed", "7", "--study-name", "e", "--pruner", "none", epochs=2
+        )[0]
+        == 0
+    )
     study = load_study(home, "e")
     best = study.best_trial
     path = tmp_path / "best.yaml"
