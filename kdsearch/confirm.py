@@ -46,7 +46,7 @@ from kdsearch.checkpoints import load_checkpoint, load_weights
 from kdsearch.config import MAX_SEED, RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, build_student, prepare, train_student
 from kdsearch.errors import ConfigError, DivergedError, UserError, shown
-from kdsearch.export import best_trials, confirmation, confirmed_first, trial_run_config
+from kdsearch.export import best_of_each_method, best_trials, confirmation, confirmed_first, trial_run_config
 from kdsearch.knobs import default_of
 from kdsearch.loop import evaluate
 from kdsearch.racing import paired_interval, race_rungs, survivors_of
@@ -89,15 +89,15 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
     """The configs to re-train: the K best trials (across methods: each of the K best methods' best),
     and the baselines they are compared with."""
     across = "methods" in study.user_attrs
-    best = _best_of_each_method(study, top) if across else best_trials(study, top)
+    firsts = best_of_each_method(study) if across else {}
+    best = _distillers(study, firsts, top) if across else best_trials(study, top)
     configs = {f"trial-{t.number}": trial_run_config(study, t) for t in best}
     sources = {f"trial-{t.number}": t for t in best}
     candidates = list(configs)
     base = next(iter(configs.values()))
     if across:
-        ce = [t for t in best_trials(study, len(study.trials)) if t.params.get("method") == "ce"]
-        if ce:
-            configs[OWN_CONTROL], sources[OWN_CONTROL] = trial_run_config(study, ce[0]), ce[0]
+        if "ce" in firsts:
+            configs[OWN_CONTROL], sources[OWN_CONTROL] = trial_run_config(study, firsts["ce"]), firsts["ce"]
     else:
         attrs = {key: value for key, value in study.user_attrs.items() if key in ("method", *base.flat())}
         configs[HAND_SET] = RunConfig.from_flat(
@@ -111,11 +111,8 @@ def arms_of(study: optuna.Study, top: int, against: str, storage_url: str | None
     return Arms(configs, candidates, sources)
 
 
-def _best_of_each_method(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    """The best trial of each method but ce, best methods first, ``top`` of them."""
-    firsts: dict[str, FrozenTrial] = {}
-    for trial in best_trials(study, len(study.trials)):
-        firsts.setdefault(str(trial.params.get("method")), trial)
+def _distillers(study: optuna.Study, firsts: dict[str, FrozenTrial], top: int) -> list[FrozenTrial]:
+    """The best trial of each method but ce (``firsts``: each method's best), best methods first, ``top`` of them."""
     ranked = [t for method, t in firsts.items() if method != "ce"]
     if not ranked:
         raise UserError(f"study {shown(study.study_name)} has no completed trial of a distillation method to confirm")

@@ -162,6 +162,14 @@ def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return sorted(complete, key=lambda t: (-t.values[0], t.number))[:top]
 
 
+def best_of_each_method(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """A study across methods: each method's best completed trial, ranked as ``best_trials`` ranks them."""
+    firsts: dict[str, FrozenTrial] = {}
+    for trial in best_trials(study, len(study.trials)):
+        firsts.setdefault(str(trial.params.get("method")), trial)
+    return firsts
+
+
 def confirmation(study: optuna.Study, url: str) -> dict[str, Any]:
     """The summary `kdsearch confirm` left for this study ({} when it was never confirmed)."""
     storage, _ = open_existing_storage(url)

@@ -200,15 +200,20 @@ def refuse_overwriting_inputs(
         check_writable(path.absolute().parent, f"{option} {path}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or the nearest folder above it that exists: where a missing folder would be made."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(folder: Path, what: str) -> None:
     """``folder`` (made later if missing) can take new files: checked before the work that would write there.
 
     The nearest folder that exists must be writable — ``os.access`` also says no on a read-only
     file system, whoever runs.
     """
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not os.access(existing, os.W_OK | os.X_OK):
         reason = "a read-only file system" if _read_only_mount(existing) else "not writable"
         raise UserError(f"{what}: cannot write in {existing}: it is {reason}")

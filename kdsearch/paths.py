@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from kdsearch.errors import UserError
-from kdsearch.fsutil import check_writable
+from kdsearch.fsutil import check_writable, nearest_existing
 
 
 def home_dir() -> Path:
@@ -56,9 +56,7 @@ def check_artifact_root() -> Path:
     """
     root = artifact_root()
     what = "KDSEARCH_ARTIFACTS" if os.environ.get("KDSEARCH_ARTIFACTS") else "the artifact folder"
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(root)
     if not existing.is_dir():
         raise UserError(f"{what} {root} cannot be a folder: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError, UserError, about, shown
-from kdsearch.export import best_trials, confirm_table, confirmation
+from kdsearch.export import best_of_each_method, best_trials, confirm_table, confirmation
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
 from kdsearch.paths import data_folder
 from kdsearch.storage import load_existing_study, pareto_front, sqlite_path
@@ -103,9 +103,7 @@ def _best_per_method(study: optuna.Study) -> str:
     """A study across methods: each method's best trial, side by side (best methods first)."""
     if "methods" not in study.user_attrs or len(study.directions) > 1:
         return ""
-    firsts: dict[str, FrozenTrial] = {}
-    for trial in best_trials(study, len(study.trials)):
-        firsts.setdefault(str(trial.params.get("method")), trial)
+    firsts = best_of_each_method(study)
     shown = _best_rows(study, list(firsts.values()))
     rows = [{"method": method, **row} for method, row in zip(firsts, shown, strict=True)]
     return f"<h2>best trial of each method</h2>{_table(rows)}"

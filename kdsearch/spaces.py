@@ -63,12 +63,6 @@ def is_conditional(space: Space) -> bool:
     return isinstance(space.get(METHOD), Arms)
 
 
-def methods_in(space: Space) -> tuple[str, ...] | None:
-    """The methods a study across methods draws from; None for a one-method space."""
-    arms = space.get(METHOD)
-    return arms.methods if isinstance(arms, Arms) else None
-
-
 def space_to_dict(space: Space) -> dict[str, Any]:
     """The file form of a space (inverse of ``parse_parameters``); a study across methods nests each
     method's under ``method: {type: conditional, arms: {kd: {...}, ...}}``."""

@@ -9,6 +9,7 @@ every worker: the running trials close as failed, no new trial starts.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
@@ -31,6 +32,7 @@ from kdsearch.progress import TrialProgress
 from kdsearch.samplers import make_pruner, make_sampler
 from kdsearch.search_config import OBJECTIVES, SearchConfig
 from kdsearch.spaces import (
+    Arms,
     Space,
     baseline_params,
     build_methods_space,
@@ -99,8 +101,6 @@ def study_attributes(
 
 def _space_json(space: Space) -> dict[str, Any]:
     """A space as JSON for the study's attributes: Optuna's distribution JSON, arms nested by method."""
-    from kdsearch.spaces import Arms
-
     return {
         name: (
             {"arms": {m: _space_json(sub) for m, sub in p.spaces.items()}}
@@ -137,8 +137,6 @@ def changed_choices(recorded: Any, wanted: dict[str, Any]) -> tuple[str, list[An
 
 def _choices(distribution: Any) -> list[Any] | None:
     if isinstance(distribution, str) and "CategoricalDistribution" in distribution:
-        import json
-
         return list(json.loads(distribution)["attributes"]["choices"])
     return None
 
@@ -176,8 +174,8 @@ def load_or_create_study(
             name, before, now = changed
             raise ConfigError(
                 "study_name",
-                f"{shown(study_name)} searched {name} over {before}, not {now}: Optuna keeps one set of choices per "
-                "study; choose another",
+                f"{shown(study_name)} searched {name} over {shown(before)}, not {shown(now)}: Optuna keeps one set of "
+                "choices per study; choose another",
             )
         for key in keys:
             if key in existing and existing[key] != attrs[key]:
