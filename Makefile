@@ -6,7 +6,7 @@ SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg
 # The GPU machine has its own torch and no .venv: bench-gpu runs with whichever python has torch there.
 PYTHON_FOR_GPU ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
 
-.PHONY: setup test test-fast lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-efficiency bench-auto bench-scale bench-gpu bench-gpu-prepare soak clean
+.PHONY: setup test test-fast lint bench bench-tutorial bench-studies bench-speed bench-pareto bench-efficiency bench-auto bench-flagship bench-scale bench-gpu bench-gpu-prepare soak clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench-efficiency:
 # bench-studies (same storage, teacher and split); resumable, rows in bench/results/auto.json.
 bench-auto:
 	cd bench && ../$(BIN)/python auto.py --data-dir ../$(SHARED_CIFAR) --n-jobs 2
+
+# The flagship study's cost: `optimize --method cosine --trials 50` (default pruner, --n-jobs 2) start to exit,
+# in CE epochs of the same machine; the same study unpruned, and each one's pick re-trained with 3 seeds to
+# show what pruning lost; resumable, rows in bench/results/flagship.json.
+bench-flagship:
+	cd bench && ../$(BIN)/python flagship.py --data-dir ../$(SHARED_CIFAR)
 
 # Images larger than memory as float32: a 224 px copy of the train split (7.5 GB as uint8) decoded, its
 # teacher logits cached and one kd epoch trained, peak anonymous memory polled; rows in bench/results/scale.json.

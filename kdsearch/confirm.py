@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts import download_artifact
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch.artifacts import ARTIFACT_ID, ARTIFACT_SHA256, fetch_artifact
 from kdsearch.checkpoints import load_checkpoint, load_weights
 from kdsearch.config import MAX_SEED, RECIPE_SPACE, RunConfig
 from kdsearch.distill import Prepared, build_student, prepare, train_student
@@ -52,7 +52,7 @@ from kdsearch.loop import evaluate
 from kdsearch.racing import paired_interval, race_rungs, survivors_of
 from kdsearch.search_config import SearchConfig
 from kdsearch.settings import HAND_SET
-from kdsearch.storage import ArtifactDirectory, load_existing_study, open_storage, redact, refuse_read_only
+from kdsearch.storage import load_existing_study, open_storage, redact, refuse_read_only
 from kdsearch.strategies import get_strategy
 
 # The arm of a study across methods that is its own control: its best ce trial.
@@ -217,12 +217,12 @@ def reuse_search_runs(companion: optuna.Study, arms: Arms, prepared: Prepared, s
     reused = []
     for arm, trial in arms.sources.items():
         config = arms.configs[arm].with_values({"seed": seed})
-        artifact = trial.user_attrs.get("artifact_id")
+        artifact = trial.user_attrs.get(ARTIFACT_ID)
         if (arm, seed) in have or artifact is None or trial.user_attrs.get("seed") != seed or trial.value is None:
             continue
         if len(trial.intermediate_values) != config.recipe.epochs:
             continue
-        test = _tested_artifact(prepared, config, str(artifact))
+        test = _tested_artifact(prepared, config, str(artifact), trial.user_attrs.get(ARTIFACT_SHA256))
         if test is None:
             continue
         companion.add_trial(
@@ -253,16 +253,17 @@ def _same_run(recorded: Any, wanted: dict[str, Any]) -> bool:
     return without_paths(recorded) == without_paths(wanted)
 
 
-def _tested_artifact(prepared: Prepared, config: RunConfig, artifact_id: str) -> float | None:
-    """Test accuracy of a kept student (None when its artifact is gone or is not this config's student)."""
+def _tested_artifact(prepared: Prepared, config: RunConfig, artifact_id: str, sha256: str | None) -> float | None:
+    """Test accuracy of a kept student (None when its artifact is gone, damaged or not this config's student:
+    the run is then trained instead)."""
     folder = Path(tempfile.mkdtemp(prefix="kdsearch-"))
     try:
         path = folder / "student.pt"
         try:
-            download_artifact(artifact_store=ArtifactDirectory(), file_path=str(path), artifact_id=artifact_id)
-        except Exception:  # noqa: BLE001 - a missing or unreadable artifact: the run is trained instead
+            fetch_artifact(artifact_id, path, sha256)
+            loaded = load_checkpoint(path)
+        except (UserError, OSError):
             return None
-        loaded = load_checkpoint(path)
         if not _same_run(loaded.metadata.get("config"), config.to_dict()):
             return None
         student = build_student(config, prepared.splits)

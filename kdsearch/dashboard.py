@@ -18,8 +18,9 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kdsearch.artifacts import ArtifactDirectory
 from kdsearch.errors import ConfigError, Terminated, UserError
-from kdsearch.storage import ArtifactDirectory, no_studies_in, open_existing_storage, redact
+from kdsearch.storage import no_studies_in, open_existing_storage, redact
 
 # Addresses that mean "every interface": the Host header then names this machine by any address.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})

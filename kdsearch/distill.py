@@ -25,7 +25,7 @@ from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.fsutil import refuse_overwriting_inputs
 from kdsearch.loop import EpochReport, check_precision, evaluate, feature_shape, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
-from kdsearch.models import build_model, check_model_name, count_parameters
+from kdsearch.models import build_model, count_parameters
 from kdsearch.paths import data_folder
 from kdsearch.strategies import get_strategy
 from kdsearch.taps import layer_shapes
@@ -71,8 +71,9 @@ def prepare(
     check_precision(config.recipe.precision, device)
     data = config.data
     splits = splits_for(data).to(device)
-    if config.models.student_init is not None:
-        build_student(config, splits)  # weights that do not fit fail now, not after a teacher has trained
+    # The student's code runs here, after every check that needs no model (storage, outputs, data), and
+    # a class that is missing or weights that do not fit fail now, not after a teacher has trained.
+    build_student(config, splits)
     if not uses_teacher:
         return Prepared(config, device, splits)
     models = config.models
@@ -319,7 +320,6 @@ def run_evaluation(
 
 def run_layers(model_name: str, width: float, data: DataConfig) -> dict[str, Any]:
     """`kdsearch layers`: every tappable layer of a model built for ``data``, with its output shape."""
-    check_model_name(model_name)
     splits = splits_for(dataclasses.replace(data, val_size=0, limit_train=None))  # any split gives the sizes
     model = build_model(
         model_name,

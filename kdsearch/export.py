@@ -15,17 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts import download_artifact
-from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch import __version__
+from kdsearch.artifacts import ARTIFACT_ID, ARTIFACT_SHA256, fetch_artifact
 from kdsearch.config import KNOBS, RunConfig
 from kdsearch.errors import ConfigError, UserError, about, shown
 from kdsearch.fsutil import PlannedFile, refuse_overwriting_inputs, write_together
-from kdsearch.paths import artifact_root, data_folder
+from kdsearch.paths import data_folder
 from kdsearch.storage import (
-    ArtifactDirectory,
     check_storage_url,
     counts,
     is_kdsearch_study,
@@ -277,7 +275,7 @@ def export_study(
     as_json = output is not None and output.endswith(".json")
     text = json.dumps(document, indent=2) if as_json else dump_yaml(document)
     files: list[PlannedFile] = [
-        ("checkpoint", target, _artifact_writer(trial.user_attrs["artifact_id"]))
+        ("checkpoint", target, _artifact_writer(trial.user_attrs[ARTIFACT_ID], trial.user_attrs.get(ARTIFACT_SHA256)))
         for trial, target in zip(chosen, targets, strict=True)
     ]
     if output is not None:
@@ -286,15 +284,11 @@ def export_study(
     return text
 
 
-def _artifact_writer(artifact_id: str) -> Callable[[Path], None]:
-    """Write an artifact's bytes to a temporary file (``write_together`` renames it into place)."""
-    store = ArtifactDirectory()
+def _artifact_writer(artifact_id: str, sha256: str | None) -> Callable[[Path], None]:
+    """Write an artifact's checked bytes to a temporary file (``write_together`` renames it into place)."""
 
     def fetch(tmp: Path) -> None:
         tmp.unlink()  # optuna refuses to overwrite a file
-        try:
-            download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
-        except ArtifactNotFound:
-            raise UserError(f"checkpoint artifact {artifact_id} is missing from {artifact_root()}") from None
+        fetch_artifact(artifact_id, tmp, sha256)
 
     return fetch

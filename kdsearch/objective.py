@@ -18,17 +18,16 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 from torch import nn
 
+from kdsearch.artifacts import ArtifactDirectory, keep_artifact
 from kdsearch.checkpoints import save_checkpoint
 from kdsearch.distill import Prepared, StudentResult, student_metadata, train_student
 from kdsearch.errors import DivergedError
 from kdsearch.loop import EpochReport, predict
 from kdsearch.search_config import OBJECTIVES
 from kdsearch.spaces import METHOD, Space, is_conditional, suggest
-from kdsearch.storage import ArtifactDirectory
 
 LATENCY_WARMUP = 10
 LATENCY_REPEATS = 50
@@ -119,15 +118,9 @@ class Objective:
         try:
             path = tmp_dir / f"student-trial-{trial.number}.pt"
             save_checkpoint(path, result.model, metadata)
-            artifact_id = upload_artifact(
-                artifact_store=self.artifacts,
-                file_path=str(path),
-                study_or_trial=trial,
-                mimetype="application/octet-stream",
-            )
+            keep_artifact(trial, self.artifacts, path)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        trial.set_user_attr("artifact_id", artifact_id)
 
 
 def latency_ms(model: nn.Module, prepared: Prepared) -> float:

@@ -71,13 +71,15 @@ class EvenMethods(optuna.samplers.BaseSampler):
 
     def __init__(self, base: optuna.samplers.BaseSampler, methods: tuple[str, ...], floor: int) -> None:
         self.base, self.methods, self.floor = base, methods, floor
+        self._drawn: dict[int, str | None] = {}  # trial number -> its method drawn here (None: TPE's to draw)
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         space = self.base.infer_relative_search_space(study, trial)
-        return {name: d for name, d in space.items() if name != METHOD or self._least_tried(study, trial) is None}
+        self._drawn = {trial.number: self._least_tried(study, trial)}  # one scan of the trials per trial
+        return {name: d for name, d in space.items() if name != METHOD or self._drawn[trial.number] is None}
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -88,7 +90,8 @@ class EvenMethods(optuna.samplers.BaseSampler):
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
         if param_name == METHOD:
-            least = self._least_tried(study, trial)
+            drawn = self._drawn
+            least = drawn[trial.number] if trial.number in drawn else self._least_tried(study, trial)
             if least is not None:
                 return least
         return self.base.sample_independent(study, trial, param_name, param_distribution)

@@ -62,7 +62,9 @@ class TeacherConfig(Section):
 
     data: DataConfig
     recipe: RecipeConfig
-    model: str = knob(DEFAULT_TEACHER_MODEL, "deepnn or package.module:Class.")
+    model: str = knob(
+        DEFAULT_TEACHER_MODEL, "deepnn, lightnn, torchvision.models:NAME, timm:NAME or package.module:Class."
+    )
     device: str = same(RunConfig, "device")
 
 

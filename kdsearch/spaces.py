@@ -31,7 +31,7 @@ from kdsearch.structured import read_structured_file
 if TYPE_CHECKING:
     from kdsearch.strategies import Strategy
 
-Space = dict[str, Any]  # name → a distribution, a constant, or (``method``) the Arms of a study across methods
+Space = dict[str, Any]  # name → a distribution, a constant, or (``method``) the MethodSpaces of a study across methods
 # The student's width multiplier, searched when the student's size is an objective.
 WIDTH_SPACE = FloatDistribution(0.25, 2.0, log=True)
 # Points per float parameter when --sampler grid must discretise a continuous range.
@@ -39,15 +39,15 @@ GRID_POINTS = 4
 # A grid is enumerated up front; past this many points it would exhaust memory long before it ran.
 MAX_GRID_POINTS = 100_000
 MAX_CHOICES = 1000
-# The key of a study's space under which a study across methods keeps its Arms.
+# The key of a study's space under which a study across methods keeps its MethodSpaces.
 METHOD = "method"
 
 
 @dataclass(frozen=True)
-class Arms:
+class MethodSpaces:
     """The method as a categorical and each method's own parameters conditional on it (define-by-run).
 
-    A study across methods has ``space["method"] = Arms(...)`` beside the shared recipe knobs: a
+    A study across methods has ``space["method"] = MethodSpaces(...)`` beside the shared recipe knobs: a
     trial draws the method first, then the recipe, then only its method's parameters, so a trial's
     parameters never hold another method's.
     """
@@ -60,7 +60,7 @@ class Arms:
 
 
 def is_conditional(space: Space) -> bool:
-    return isinstance(space.get(METHOD), Arms)
+    return isinstance(space.get(METHOD), MethodSpaces)
 
 
 def space_to_dict(space: Space) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def space_to_dict(space: Space) -> dict[str, Any]:
     method's under ``method: {type: conditional, arms: {kd: {...}, ...}}``."""
     out: dict[str, Any] = {}
     for name, param in space.items():
-        if isinstance(param, Arms):
+        if isinstance(param, MethodSpaces):
             out[name] = {"type": "conditional", "arms": {m: space_to_dict(sub) for m, sub in param.spaces.items()}}
         elif isinstance(param, FloatDistribution):
             out[name] = {"type": "float", "low": param.low, "high": param.high, "log": param.log}
@@ -243,7 +243,7 @@ def build_space(
 def build_methods_space(
     strategies: list[Strategy], label: str, space_file: str | None, fixes: dict[str, Any], *, search_width: bool = False
 ) -> Space:
-    """The space of a study across methods: the recipe's knobs shared, each method's own under ``Arms``.
+    """The space of a study across methods: the recipe's knobs shared, each method's own under ``MethodSpaces``.
 
     A name in the user's file or pins applies to the recipe when it is a recipe knob, else to every
     method that has it; a name no method has is an error, as in a one-method study. A parameter that
@@ -272,7 +272,7 @@ def build_methods_space(
                 check_layer(strategy, {name: param}, own[strategy.name])
                 own[strategy.name][name] = param
     _check_shared_names(own)
-    return {METHOD: Arms(own), **shared}
+    return {METHOD: MethodSpaces(own), **shared}
 
 
 def _check_shared_names(own: dict[str, Space]) -> None:
@@ -316,7 +316,7 @@ def baseline_params(strategy: Strategy, space: Space) -> dict[str, Any]:
 def methods_baselines(space: Space) -> list[dict[str, Any]]:
     """A study across methods starts with every method's hand-set config: ``ce`` is the study's control."""
     arms = space[METHOD]
-    assert isinstance(arms, Arms)
+    assert isinstance(arms, MethodSpaces)
     from kdsearch.strategies import get_strategy
 
     shared = {name: param for name, param in space.items() if name != METHOD}
@@ -358,7 +358,7 @@ def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
     """
     values: dict[str, Any] = {}
     for name, param in space.items():
-        if isinstance(param, Arms):
+        if isinstance(param, MethodSpaces):
             method = str(trial.suggest_categorical(name, list(param.methods)))
             values[name] = method
             values |= suggest(trial, param.spaces[method])

@@ -1,8 +1,8 @@
-"""Study storages and the artifact store: opening them, reading studies back, masking secrets.
+"""Study storages: opening them, reading studies back, masking secrets.
 
 Optuna's RDB storage (SQLite by default, PostgreSQL or MySQL by URL) holds studies and is the
-distributed engine; best-student checkpoints are Optuna artifacts in a file-system store with one
-folder per study. Every URL that reaches output goes through ``redact`` first.
+distributed engine (best-student checkpoints are artifacts beside it: ``kdsearch.artifacts``).
+Every URL that reaches output goes through ``redact`` first.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
-from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from kdsearch.errors import UserError, shown
 from kdsearch.fsutil import check_writable
-from kdsearch.paths import artifact_root, home_dir
+from kdsearch.paths import home_dir
 
 # Attempts to open a storage whose tables another worker is creating at the same moment.
 TABLE_RACE_RETRIES = 5
@@ -348,41 +346,3 @@ def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's Pareto-optimal trials in one order everywhere (summary, export, report): by the
     objectives after accuracy, so the smallest (fastest) student comes first."""
     return sorted(study.best_trials, key=lambda t: t.values[1:])
-
-
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "_"
-
-
-class ArtifactDirectory:
-    """A file-system artifact store with one folder per study (``<root>/<study>/<artifact id>``).
-
-    Uploads go to the study's folder; reads search every study's folder, so one store can serve
-    the dashboard for all studies in a storage. Implements optuna's ``ArtifactStore`` protocol.
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None, study_name: str = "_dashboard") -> None:
-        self.root = Path(root) if root is not None else artifact_root()
-        self.study_name = study_name
-
-    def _writer(self) -> FileSystemArtifactStore:
-        folder = self.root / safe_name(self.study_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        return FileSystemArtifactStore(str(folder))
-
-    def _find(self, artifact_id: str) -> Path:
-        if "/" in artifact_id or artifact_id.startswith("."):
-            raise ArtifactNotFound(f"invalid artifact id {shown(artifact_id)}")
-        for path in self.root.glob(f"*/{artifact_id}"):
-            if path.is_file():
-                return path
-        raise ArtifactNotFound(f"artifact {artifact_id} not found under {self.root}")
-
-    def open_reader(self, artifact_id: str) -> BinaryIO:
-        return open(self._find(artifact_id), "rb")
-
-    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        self._writer().write(artifact_id, content_body)
-
-    def remove(self, artifact_id: str) -> None:
-        self._find(artifact_id).unlink()

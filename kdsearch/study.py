@@ -23,6 +23,7 @@ from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.trial import TrialState
 
 from kdsearch import __version__
+from kdsearch.artifacts import ArtifactDirectory
 from kdsearch.config import MAX_SEED, RunConfig
 from kdsearch.distill import Prepared, check_loss_shapes, prepare
 from kdsearch.errors import ConfigError, shown
@@ -32,7 +33,7 @@ from kdsearch.progress import TrialProgress
 from kdsearch.samplers import make_pruner, make_sampler
 from kdsearch.search_config import OBJECTIVES, SearchConfig
 from kdsearch.spaces import (
-    Arms,
+    MethodSpaces,
     Space,
     baseline_params,
     build_methods_space,
@@ -41,7 +42,6 @@ from kdsearch.spaces import (
     parse_assignments,
 )
 from kdsearch.storage import (
-    ArtifactDirectory,
     check_storage_url,
     counts,
     default_storage_url,
@@ -104,7 +104,7 @@ def _space_json(space: Space) -> dict[str, Any]:
     return {
         name: (
             {"arms": {m: _space_json(sub) for m, sub in p.spaces.items()}}
-            if isinstance(p, Arms)
+            if isinstance(p, MethodSpaces)
             else distribution_to_json(p)
             if isinstance(p, BaseDistribution)
             else p

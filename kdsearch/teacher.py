@@ -109,12 +109,12 @@ def train_teacher(
 
 def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = False) -> dict[str, Any]:
     """`kdsearch teacher`: train and save a teacher; returns its metadata and path."""
-    check_model_name(config.model)
     with about("out"):
         refuse_overwriting_inputs({"out": out}, (data_folder(config.data.dataset, config.data.data_dir),))
     device = resolve_device(config.device)
     data = config.data
     splits = splits_for(data)
+    check_model_name(config.model)  # the model's code runs only once nothing else can refuse the run
     path = (
         Path(out) if out else default_teacher_path(splits, config.model, config.recipe, data.val_size, data.limit_train)
     )

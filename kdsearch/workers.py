@@ -21,7 +21,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.distill import prepare
-from kdsearch.errors import ConfigError, Terminated, UserError, raise_terminated
+from kdsearch.errors import ConfigError, RunFailedError, Terminated, UserError, raise_terminated, shown
 from kdsearch.objective import Objective
 from kdsearch.progress import TrialProgress
 from kdsearch.search_config import SearchConfig
@@ -191,6 +191,26 @@ def run_workers(plan: SearchPlan, study: optuna.Study, bar: TrialProgress) -> No
             raise error
     if failures:
         raise RuntimeError("a worker failed:\n" + failures[0][1])
+    died = [(i, p.exitcode) for i, p in enumerate(workers) if p.exitcode]
+    if died:
+        # Dead before it could say why (killed, out of memory, a crash, or its start-up failed): never
+        # a silent success, whatever the other workers finished.
+        i, code = died[0]
+        raise RunFailedError(
+            f"worker {i + 1} of {len(workers)} stopped with {_exit_reason(code)} before the study finished "
+            f"(its stderr, above, may say why); study {shown(plan.study_name)} keeps the trials recorded so far"
+        )
+
+
+def _exit_reason(code: int) -> str:
+    """``exit code 1``, or the signal that ended the process (a negative exit code)."""
+    if code > 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    return f"{name} (killed: out of memory?)" if -code == signal.SIGKILL else name
 
 
 def _stop_workers(workers: list[Any], *, forward: bool) -> None:

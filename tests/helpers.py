@@ -282,7 +282,9 @@ class StubTrainer:
         monkeypatch.setattr(kdsearch.confirm, "train_student", self.train_student)
         monkeypatch.setattr(kdsearch.confirm, "evaluate", self.evaluate)
         # A reused search trial's student is "tested" as the stub tests a run of its config.
-        monkeypatch.setattr(kdsearch.confirm, "_tested_artifact", lambda prepared, config, artifact: self.test(config))
+        monkeypatch.setattr(
+            kdsearch.confirm, "_tested_artifact", lambda prepared, config, artifact, sha256: self.test(config)
+        )
         return self
 
 

@@ -23,7 +23,7 @@ from kdsearch.confirm import run_of
 from kdsearch.errors import ConfigError
 from kdsearch.export import trial_run_config
 from kdsearch.racing import race_rungs, survivors_of
-from kdsearch.spaces import Arms, build_methods_space, suggest
+from kdsearch.spaces import MethodSpaces, build_methods_space, suggest
 from kdsearch.strategies import METHODS, get_strategy, methods_of
 from tests.helpers import StubTrainer, load_study, run_cli
 
@@ -112,7 +112,7 @@ def test_a_method_is_drawn_first_then_only_its_parameters() -> None:
     import optuna
 
     space = build_methods_space([get_strategy(m) for m in ("kd", "ce")], "kd,ce", None, {})
-    assert isinstance(space["method"], Arms) and space["method"].methods == ("kd", "ce")
+    assert isinstance(space["method"], MethodSpaces) and space["method"].methods == ("kd", "ce")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
     seen = set()
     for _ in range(12):

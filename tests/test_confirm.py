@@ -13,8 +13,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from kdsearch.artifacts import ArtifactDirectory, fetch_artifact
 from kdsearch.config import RunConfig
-from kdsearch.confirm import ConfirmObjective, _enqueue, run_of
+from kdsearch.confirm import ConfirmObjective, _enqueue, _tested_artifact, run_of
+from kdsearch.errors import UserError
+from kdsearch.fsutil import file_sha256
 from kdsearch.racing import paired_interval, t_quantile
 from tests.helpers import (
     POSTGRES_URL,
@@ -260,8 +263,9 @@ def test_confirm_refuses_bad_input_in_one_line_writing_nothing(
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.parametrize("race", [False, True], ids=["all-seeds", "racing"])
 def test_two_confirm_workers_share_one_postgres_study(
-    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+    race: bool, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if not postgres_available():
         pytest.skip("PostgreSQL not reachable")
@@ -270,7 +274,8 @@ def test_two_confirm_workers_share_one_postgres_study(
     try:
         args = optimize_args(pattern_folder, pattern_teacher, "--trials", "2", "--study-name", name, *storage)
         assert run_cli(args, capsys)[0] == 0
-        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--no-race", "--json", "-q", *storage]
+        command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--json", "-q", *storage]
+        command += [] if race else ["--no-race"]
         workers = [spawn(command, home) for _ in range(2)]
         summaries = []
         for worker in workers:
@@ -282,7 +287,14 @@ def test_two_confirm_workers_share_one_postgres_study(
         assert summaries[0] == summaries[1] and len(summaries[0]["rows"]) == 3
         runs = optuna.load_study(study_name=f"{name}-confirm", storage=POSTGRES_URL).get_trials()
         done = {run_of(t) for t in runs if t.state == TrialState.COMPLETE}
-        assert len(done) == 6 and not [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+        left = [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING)]
+        assert not left
+        if race:  # both workers drop the same arm after one seed, and neither runs its second seed
+            dropped = summaries[0]["race"]["dropped_after_seeds"]
+            assert list(dropped.values()) == [1]
+            assert len(done) == 5 and (next(iter(dropped)), 43) not in done
+        else:
+            assert len(done) == 6
     finally:
         for study in (name, f"{name}-confirm"):
             optuna.delete_study(study_name=study, storage=POSTGRES_URL)
@@ -317,3 +329,23 @@ def test_seeds_past_the_largest_seed_are_refused_before_any_run(
     assert len(stub.runs) == trained
     with pytest.raises(KeyError):
         load_study(home, "kd-imagefolder-confirm")
+
+
+def test_a_search_trial_whose_artifact_is_damaged_or_gone_is_trained_again_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDSEARCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    source = tmp_path / "student.pt"
+    source.write_bytes(b"a kept student's bytes")
+    ArtifactDirectory(study_name="s").write("kept", source.open("rb"))
+    recorded = file_sha256(source)
+    copy = tmp_path / "copy.pt"
+    fetch_artifact("kept", copy, recorded)  # intact: copied
+    assert copy.read_bytes() == source.read_bytes()
+    (tmp_path / "artifacts" / "s" / "kept").write_bytes(b"a kept student's")  # truncated on disk
+    with pytest.raises(UserError, match="is damaged"):
+        fetch_artifact("kept", tmp_path / "again.pt", recorded)
+    assert not (tmp_path / "again.pt").exists()
+    # confirm then trains the run instead of reusing the search trial (nothing is prepared or built)
+    assert _tested_artifact(None, RunConfig(), "kept", recorded) is None  # type: ignore[arg-type]
+    assert _tested_artifact(None, RunConfig(), "gone", None) is None  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import optuna
 import pytest
+import torch
 import yaml
 from PIL import Image
 from sqlalchemy.engine import make_url
@@ -505,10 +506,34 @@ def test_a_missing_artifact_keeps_the_old_files(
     old = {best: b"the old checkpoint", config: b"old: config\n"}
     for path, content in old.items():
         path.write_bytes(content)
-    monkeypatch.setattr(kdsearch.export, "artifact_root", lambda: tmp_path / "no-artifacts")
     monkeypatch.setenv("KDSEARCH_ARTIFACTS", str(tmp_path / "no-artifacts"))
     err = one_line_error(*run_cli([*exported_study, "-o", config, "--checkpoint", best], capsys))
     assert "is missing" in err
+    assert_untouched(old, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed", "replaced by another checkpoint"])
+def test_a_damaged_artifact_is_refused_and_keeps_the_old_files(
+    damage: str, exported_study: list[str], home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = load_study(home, "kd-imagefolder")
+    kept = [t for t in study.get_trials() if "artifact_id" in t.user_attrs]
+    assert kept and all(len(t.user_attrs["artifact_sha256"]) == 64 for t in kept)
+    best_id = kdsearch.export.best_trials(study, 1)[0].user_attrs["artifact_id"]
+    artifact = next(p for p in files_under(home) if p.name == best_id)
+    content = artifact.read_bytes()
+    if damage == "truncated":
+        artifact.write_bytes(content[: len(content) // 2])
+    elif damage == "one byte changed":
+        artifact.write_bytes(content[:-100] + bytes([content[-100] ^ 1]) + content[-99:])
+    else:
+        torch.save({"weight": torch.zeros(3)}, artifact)  # a readable checkpoint, not the trial's
+    best, config = tmp_path / "best.pt", tmp_path / "best.yaml"
+    old = {best: b"the old checkpoint", config: b"old: config\n"}
+    for path, written in old.items():
+        path.write_bytes(written)
+    err = one_line_error(*run_cli([*exported_study, "-o", config, "--checkpoint", best], capsys))
+    assert "is damaged" in err and artifact.name in err
     assert_untouched(old, tmp_path)
 
 

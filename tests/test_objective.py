@@ -11,12 +11,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kdsearch.artifacts import ArtifactDirectory
 from kdsearch.config import RunConfig
 from kdsearch.distill import Prepared
 from kdsearch.errors import DivergedError
 from kdsearch.objective import Objective
 from kdsearch.spaces import build_space
-from kdsearch.storage import ArtifactDirectory
 from kdsearch.strategies import get_strategy
 from tests.helpers import StubTrainer
 

@@ -42,6 +42,45 @@ def test_n_jobs_finishes_exactly_the_requested_trials(
     assert len({t.params["lr"] for t in trials}) == 5
 
 
+DYING_MODEL = """\
+import multiprocessing
+import os
+import signal
+
+from kdsearch.models import LightNN
+
+
+class Net(LightNN):
+    def forward(self, x):
+        if self.training and multiprocessing.current_process().name != "MainProcess":
+            os.kill(os.getpid(), signal.SIG{signal})  # a worker dies as the OOM killer or a crash ends it
+        return super().forward(x)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "said"), [("KILL", "SIGKILL (killed: out of memory?)"), ("SEGV", "SIGSEGV")])
+def test_a_worker_that_dies_is_never_a_silent_success(
+    signal_name: str,
+    said: str,
+    pattern_folder: Path,
+    pattern_teacher: Path,
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "dyingmodel.py").write_text(DYING_MODEL.replace("{signal}", signal_name))
+    monkeypatch.chdir(tmp_path)
+    extra = ("--trials", "2", "--n-jobs", "2", "--student-model", "dyingmodel:Net")
+    code, out, err = run_cli(optimize_args(pattern_folder, pattern_teacher, *extra), capsys)
+    assert code == 1 and out == "", (code, out, err)
+    assert err.strip().splitlines()[-1] == (
+        f"kdsearch: error: worker 1 of 2 stopped with {said} before the study finished (its stderr, above, may "
+        "say why); study 'kd-imagefolder' keeps the trials recorded so far"
+    )
+
+
 @pytest.mark.slow
 def test_processes_on_one_sqlite_file_share_a_study_and_never_propose_the_same_trial(
     pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
