@@ -6,6 +6,10 @@ its exit, divided by one CE epoch's time measured in the same run on the same ma
 in CE epochs. The CE epoch is the median steady epoch (the first, which warms up, left out) of a short
 `kdsearch train --method ce`, run before and after the study so that a drift of the machine shows.
 
+The study's start-up (loading the data, building the teacher-output cache when it is not on disk yet,
+starting the workers) is the wall time less the span of its trials; the cost is given as run, and with
+warm caches (its trials' span plus the start-up of the unpruned study, which finds the caches built).
+
 The same study without pruning (`--pruner none`, same sampler seed) is the yardstick for what the pruner
 may lose: each study's best config is exported and re-trained with --seeds seeds, and the pruned pick's
 test accuracy is set against the unpruned pick's, paired by seed. Studies use `--total`, so an interrupted
@@ -102,6 +106,47 @@ def costs(result: dict[str, Any]) -> dict[str, float]:
             "as_run": result["pruned"]["wall_seconds"] / ce, "warm_caches": warm / ce}  # fmt: skip
 
 
+def replayed(name: str, epochs: int = 10) -> dict[str, Any]:
+    """The unpruned study's learning curves, in trial order, replayed through Optuna's own pruners.
+
+    Each curve is reported epoch by epoch to a fresh in-memory study with the pruner (the last epoch
+    never pruned, as kdsearch does): the epochs each pruner would have trained on these very trials,
+    and the best final validation accuracy among the trials it lets finish. Sequential, where the
+    real studies run two workers at a time; and on the unpruned study's proposals, which pruning
+    would have changed.
+    """
+    import optuna
+
+    from kdsearch.samplers import make_pruner
+    from kdsearch.search_config import SearchConfig
+
+    trials = optuna.load_study(study_name=name, storage=STORAGE).get_trials(deepcopy=False)
+    curves = [[t.intermediate_values[e] for e in sorted(t.intermediate_values)] for t in trials if t.value is not None]
+    pruners = {
+        "none": make_pruner(SearchConfig(pruner="none"), epochs),
+        "asha (default: rungs at epochs 2, 6)": make_pruner(SearchConfig(), epochs),
+        "asha, rungs at epochs 1, 3, 9": optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "median (the default before)": make_pruner(SearchConfig(pruner="median"), epochs),
+    }
+    rows = {}
+    for label, pruner in pruners.items():
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        trained, finals = 0, []
+        for curve in curves:
+            trial = study.ask()
+            for step, value in enumerate(curve, 1):
+                trial.report(value, step)
+                trained += 1
+                if step < len(curve) and trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    break
+            else:
+                study.tell(trial, curve[-1])
+                finals.append(curve[-1])
+        rows[label] = {"epochs": trained, "completed": len(finals), "best_value": max(finals)}
+    return {"trials": len(curves), "pruners": rows}
+
+
 def retrained(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """The study's best config, exported and re-trained with each seed: test accuracy per seed."""
     config = Path(tempfile.mkdtemp(prefix="kdsearch-flagship-")) / f"{name}.yaml"
@@ -147,6 +192,7 @@ def main() -> int:
     for key, name in (("pruned", pruned), ("unpruned", unpruned)):
         result[key] |= {"study": name, "epochs": epochs_trained(name)}
     result["study_cost_ce_epochs"] = costs(result)
+    result["replayed"] = replayed(unpruned)
     pairs = zip(result["pruned_pick"]["test_runs"], result["unpruned_pick"]["test_runs"], strict=True)
     diffs = [a - b for a, b in pairs]
     result["pruned_minus_unpruned"] = {"per_seed": diffs, "median": statistics.median(diffs)}
@@ -155,6 +201,8 @@ def main() -> int:
     print(f"study cost: {cost['as_run']:.0f} CE epochs as run ({minutes:.1f} min, CE epoch {ce:.2f} s), "
           f"{cost['warm_caches']:.0f} with warm caches")  # fmt: skip
     print(f"pruned pick − unpruned pick, test %, per seed: {', '.join(f'{d:+.2f}' for d in diffs)}")
+    for label, row in result["replayed"]["pruners"].items():
+        print(f"replayed on the unpruned curves, {label}: {row['epochs']} epochs, best {row['best_value']:.2f}")
     return 0
 
 
