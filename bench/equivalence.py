@@ -3,8 +3,10 @@
 Each run trains a LightNN for 2 epochs on 3,000 CIFAR-10 images (500 held out), with the committed
 strong teacher, and records its per-epoch loss and validation accuracy, a SHA-256 of the trained
 weights and the dataset fingerprint. Run it on two checkouts of kdsearch (each with its own
-``KDSEARCH_HOME``: cache formats may differ) and compare the files: equal digests mean bit-for-bit
-equal training, a far stronger check than the five accuracies of `make bench-tutorial`.
+``KDSEARCH_HOME``: cache formats may differ) on the same machine, and compare the files: equal digests
+mean bit-for-bit equal training, a far stronger check than the five accuracies of `make bench-tutorial`.
+A file from another machine is no reference: the CPU's instruction set picks other kernels (AVX2 against
+AVX-512), whose rounding differs in the last bits.
 
     PYTHONPATH=OLD_CHECKOUT python bench/equivalence.py --out before.json
     PYTHONPATH=NEW_CHECKOUT python bench/equivalence.py --out after.json --compare before.json
