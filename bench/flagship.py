@@ -19,6 +19,7 @@ run resumes (its wall time is then marked as resumed, not a cost). Rows land in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -122,11 +123,13 @@ def replayed(name: str, epochs: int = 10) -> dict[str, Any]:
 
     trials = optuna.load_study(study_name=name, storage=STORAGE).get_trials(deepcopy=False)
     curves = [[t.intermediate_values[e] for e in sorted(t.intermediate_values)] for t in trials if t.value is not None]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = SearchConfig(trials=len(trials))
     pruners = {
-        "none": make_pruner(SearchConfig(pruner="none"), epochs),
-        "asha (default: rungs at epochs 2, 6)": make_pruner(SearchConfig(), epochs),
+        "none": make_pruner(dataclasses.replace(search, pruner="none"), epochs),
+        "asha (default: rungs at epochs 2, 6)": make_pruner(search, epochs),
         "asha, rungs at epochs 1, 3, 9": optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-        "median (the default before)": make_pruner(SearchConfig(pruner="median"), epochs),
+        "median (the default before)": make_pruner(dataclasses.replace(search, pruner="median"), epochs),
     }
     rows = {}
     for label, pruner in pruners.items():
