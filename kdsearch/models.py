@@ -23,7 +23,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from kdsearch.errors import ConfigError, UserError, shown
-from kdsearch.zoo import build_zoo_model, check_zoo_name, is_zoo_model
+from kdsearch.zoo import build_zoo_model, is_zoo_model
 
 
 def _flat_size(channels: int, image_size: tuple[int, int], pools: int) -> int:
@@ -130,14 +130,6 @@ def resolve_model_class(name: str) -> Callable[..., nn.Module]:
     if cls is None or not callable(cls):
         raise UserError(f"module {shown(module_name)} has no class {shown(attr)}")
     return cls
-
-
-def check_model_name(name: str) -> None:
-    """Refuse a model that cannot be built (unknown, not importable, a zoo not installed) before any work."""
-    if is_zoo_model(name):
-        check_zoo_name(name)
-    else:
-        resolve_model_class(name)
 
 
 def build_model(

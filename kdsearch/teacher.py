@@ -27,7 +27,7 @@ from kdsearch.errors import ConfigError, UserError, about
 from kdsearch.fsutil import file_sha256, refuse_overwriting_inputs
 from kdsearch.loop import evaluate, fit, prepare_module, resolve_device
 from kdsearch.losses import LossShapes
-from kdsearch.models import REGISTERED, build_model, check_model_name, count_parameters
+from kdsearch.models import REGISTERED, build_model, count_parameters
 from kdsearch.paths import data_folder, home_dir
 from kdsearch.settings import TeacherConfig
 from kdsearch.strategies import get_strategy
@@ -72,7 +72,11 @@ def train_teacher(
     progress: bool = False,
     data_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train a teacher with cross-entropy through the shared loop; save weights + metadata atomically."""
+    """Train a teacher with cross-entropy through the shared loop; save weights + metadata atomically.
+
+    The model is built first: its code runs only after the caller's checks (output, data), and a name
+    that cannot be built is refused before any training.
+    """
     torch.manual_seed(recipe.seed)
     model = build_model(
         model_name, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
@@ -114,7 +118,6 @@ def run_teacher(config: TeacherConfig, out: str | None, *, progress: bool = Fals
     device = resolve_device(config.device)
     data = config.data
     splits = splits_for(data)
-    check_model_name(config.model)  # the model's code runs only once nothing else can refuse the run
     path = (
         Path(out) if out else default_teacher_path(splits, config.model, config.recipe, data.val_size, data.limit_train)
     )

@@ -26,7 +26,7 @@ def is_zoo_model(name: str) -> bool:
 
 
 def check_zoo_name(name: str) -> None:
-    """Refuse an unknown zoo name (or a zoo that is not installed) before any data is loaded."""
+    """Refuse an unknown zoo name (or a zoo that is not installed) in one line, before anything is built."""
     if name.startswith(TIMM):
         timm = _timm()
         if not timm.is_model(name.removeprefix(TIMM)):
