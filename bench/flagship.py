@@ -72,8 +72,7 @@ def study(args: argparse.Namespace, name: str, pruner: str | None) -> dict[str, 
     summary = cli_runner.run(command).check().json()
     wall = time.perf_counter() - start
     return {"command": cli_runner.shown(command), "study": name, "wall_seconds": wall, "resumed": resumed,
-            "trials_seconds": summary["wall_seconds"], "best_value": summary["best_value"],
-            "epochs": epochs_trained(name)}  # fmt: skip
+            "best_value": summary["best_value"], "epochs": epochs_trained(name)}  # fmt: skip
 
 
 def epochs_trained(name: str) -> dict[str, int]:
@@ -192,15 +191,14 @@ def main() -> int:
         if key not in result:
             result[key] = retrained(args, name)
             write(result)
-    for key, name in (("pruned", pruned), ("unpruned", unpruned)):
-        result[key] |= {"study": name, "epochs": epochs_trained(name)}
     result["study_cost_ce_epochs"] = costs(result)
     result["replayed"] = replayed(unpruned)
     pairs = zip(result["pruned_pick"]["test_runs"], result["unpruned_pick"]["test_runs"], strict=True)
     diffs = [a - b for a, b in pairs]
     result["pruned_minus_unpruned"] = {"per_seed": diffs, "median": statistics.median(diffs)}
     write(result)
-    minutes, ce, cost = result["pruned"]["wall_seconds"] / 60, result["ce_epoch"]["steady_median"], costs(result)
+    minutes, ce = result["pruned"]["wall_seconds"] / 60, result["ce_epoch"]["steady_median"]
+    cost = result["study_cost_ce_epochs"]
     print(f"study cost: {cost['as_run']:.0f} CE epochs as run ({minutes:.1f} min, CE epoch {ce:.2f} s), "
           f"{cost['warm_caches']:.0f} with warm caches")  # fmt: skip
     print(f"pruned pick − unpruned pick, test %, per seed: {', '.join(f'{d:+.2f}' for d in diffs)}")
