@@ -2,7 +2,8 @@
 
 `kdsearch optimize --method auto` on the shared CIFAR-10 copy with the committed strong teacher
 (10 epochs, 5,000 validation images, the default sampler and pruner, sampler seed 42, `--total`
-so an interrupted run resumes the study), then `kdsearch confirm --top 3 --seeds 5` (racing, the
+so an interrupted run resumes the study; ASHA's first rung pinned at epoch 2, the default when the
+committed study ran, so that resuming it keeps its rungs), then `kdsearch confirm --top 3 --seeds 5` (racing, the
 default): the best config of each of the 3 best methods raced over seeds against the study's own
 best ce trial. Set beside the per-method studies and confirmations in the same storage
 (bench/studies/studies.db: `bench-<method>` and `bench-<method>-confirm`): epochs trained,
@@ -34,7 +35,7 @@ def optimize_command(args: argparse.Namespace, workers: int = 1) -> list[str]:
         "optimize", "--method", "auto", "--dataset", "imagefolder", "--data-dir", args.data_dir,
         "--val-size", "5000", "--epochs", str(args.epochs), "--teacher", str(TEACHER), "--trials", str(args.trials),
         "--total", "--sampler-seed", "42", "--study-name", args.study, "--storage", args.storage,
-        "--n-jobs", str(workers), "-q",
+        "--n-jobs", str(workers), "--pruner-warmup", "2", "-q",
     ])  # fmt: skip
 
 

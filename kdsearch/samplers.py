@@ -116,14 +116,16 @@ class EvenMethods(optuna.samplers.BaseSampler):
 def make_pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
     """ASHA by default (README "Choosing the sampler and pruner"); none for several objectives.
 
-    ASHA's rungs sit at epochs r, 3r, 9r… (r = epochs/5: 2 and 6 of a 10-epoch run); at each, a
-    trial goes on only when it is in the best third of the trials that reached it. Median and
+    ASHA's rungs sit at epochs r, 3r, 9r… (r = epochs/10, at least 1: 1, 3 and 9 of a 10-epoch run,
+    1 and 3 of a 5-epoch one); at each, a trial goes on only when it is in the best third of the
+    trials that reached it. An epoch's accuracy already ranks the trials well enough for the first
+    cut (README "The flagship study's cost": the replayed curves keep the winner at rung 1). Median and
     percentile prune nothing in the first trials or before their warm-up epochs.
     """
     if search.multi_objective or search.pruner == "none":
         return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
     if search.pruner == "asha":
-        first_rung = max(1, epochs // 5) if search.pruner_warmup is None else max(1, search.pruner_warmup)
+        first_rung = max(1, epochs // 10) if search.pruner_warmup is None else max(1, search.pruner_warmup)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
     warm = max(0, epochs // 4) if search.pruner_warmup is None else search.pruner_warmup
     if search.pruner == "percentile":

@@ -79,8 +79,8 @@ class SearchConfig(Section):
     pruner_startup: int = knob(5, "Trials completed before median/percentile pruning starts.", low=0, high=1_000_000)
     pruner_warmup: int | None = knob(
         None,
-        "Epochs before a trial can be pruned: asha's first rung r [default: epochs/5], median/percentile's "
-        "warm-up [default: epochs/4].",
+        "Epochs before a trial can be pruned: asha's first rung r [default: epochs/10, at least 1], "
+        "median/percentile's warm-up [default: epochs/4].",
         kind=int,
         low=0,
     )

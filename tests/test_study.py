@@ -317,3 +317,26 @@ def test_a_signal_during_training_fails_the_trial_as_before() -> None:
     with pytest.raises(KeyboardInterrupt):
         run_trials(study, training, SearchConfig(trials=5), [], 5)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize(("epochs", "rungs"), [(10, [1, 3, 9]), (5, [1, 3]), (30, [3, 9, 27])])
+def test_the_default_pruner_cuts_at_a_tenth_of_the_epochs_then_every_third(epochs: int, rungs: list[int]) -> None:
+    """A trial that leads until one rung and falls behind there is stopped at that very epoch."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(SearchConfig(trials=1), epochs))
+    for _ in range(2):
+        leader = study.ask()
+        for step in range(1, epochs + 1):
+            leader.report(90.0, step)
+            assert not leader.should_prune()  # ASHA records a trial's rung value when it asks
+        study.tell(leader, 90.0)
+    stopped_at = []
+    for rung in rungs:
+        trial = study.ask()
+        for step in range(1, epochs + 1):
+            trial.report(95.0 if step < rung else 10.0, step)
+            if trial.should_prune():
+                stopped_at.append(step)
+                break
+        study.tell(trial, state=TrialState.PRUNED)
+    assert stopped_at == rungs
