@@ -7,7 +7,8 @@ in CE epochs. The CE epoch is the median steady epoch (the first, which warms up
 `kdsearch train --method ce`, run before and after the study so that a drift of the machine shows.
 
 The study's start-up (loading the data, building the teacher-output cache when it is not on disk yet,
-starting the workers) is the wall time less the span of its trials, and is part of the cost.
+starting the workers) is the wall time less the span of its trials, and is part of the cost as run; the
+cost with warm caches puts in its place the start-up of the same command once the caches exist.
 
 The same study without pruning (`--pruner none`, same sampler seed) is the yardstick for what the pruner
 may lose: each study's best config is exported and re-trained with --seeds seeds, and the pruned pick's
@@ -59,19 +60,36 @@ def trials_in(study: str) -> int:
         return 0
 
 
+def optimize_command(args: argparse.Namespace, name: str, *extra: str, storage: str = STORAGE) -> list[str]:
+    return cli_runner.kdsearch_command([
+        "optimize", "--method", args.method, *data_args(args), "--teacher", str(TEACHER), "--trials", str(args.trials),
+        "--epochs", "10", "--total", "--n-jobs", "2", "--sampler-seed", "42", "--study-name", name,
+        "--storage", storage, "-q", *extra,
+    ])  # fmt: skip
+
+
 def study(args: argparse.Namespace, name: str, pruner: str | None) -> dict[str, Any]:
     """One 50-trial cosine study, timed start to exit, with the epochs its trials trained."""
     resumed = trials_in(name) > 0
-    command = cli_runner.kdsearch_command([
-        "optimize", "--method", args.method, *data_args(args), "--teacher", str(TEACHER), "--trials", str(args.trials),
-        "--epochs", "10", "--total", "--n-jobs", "2", "--sampler-seed", "42", "--study-name", name,
-        "--storage", STORAGE, "-q", *(["--pruner", pruner] if pruner else []),
-    ])  # fmt: skip
+    command = optimize_command(args, name, *(["--pruner", pruner] if pruner else []))
     start = time.perf_counter()
     summary = cli_runner.run(command).check().json()
     wall = time.perf_counter() - start
     return {"command": cli_runner.shown(command), "study": name, "wall_seconds": wall, "resumed": resumed,
             "best_value": summary["best_value"], "epochs": epochs_trained(name)}  # fmt: skip
+
+
+def warm_startup(args: argparse.Namespace) -> dict[str, Any]:
+    """The same command's start-up once the caches exist (the study's first run builds the teacher-output
+    cache): two one-epoch trials on a throwaway storage, wall time less the span of the trials."""
+    storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='kdsearch-flagship-')) / 'startup.db'}"
+    command = optimize_command(args, "startup", storage=storage)
+    command[command.index("--trials") + 1], command[command.index("--epochs") + 1] = "2", "1"
+    start = time.perf_counter()
+    cli_runner.run(command).check()
+    wall = time.perf_counter() - start
+    return {"command": cli_runner.shown(command), "wall_seconds": wall,
+            "startup_seconds": wall - trials_span_seconds("startup", storage)}  # fmt: skip
 
 
 def epochs_trained(name: str) -> dict[str, int]:
@@ -84,22 +102,25 @@ def epochs_trained(name: str) -> dict[str, int]:
     return {"total": sum(len(t.intermediate_values) for t in trials), **states}
 
 
-def trials_span_seconds(name: str) -> float:
+def trials_span_seconds(name: str, storage: str = STORAGE) -> float:
     """From the first trial's start to the last one's end: the study less its start-up (loading the data,
     building the teacher-output cache on a first run, starting the workers)."""
     import optuna
 
-    trials = optuna.load_study(study_name=name, storage=STORAGE).get_trials(deepcopy=False)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     first = min(t.datetime_start for t in trials if t.datetime_start)
     last = max(t.datetime_complete for t in trials if t.datetime_complete)
     return (last - first).total_seconds()
 
 
 def costs(result: dict[str, Any]) -> dict[str, float]:
-    """The pruned study's cost in CE epochs as run, and the part of its wall time that was start-up."""
-    pruned = result["pruned"]
-    return {"as_run": pruned["wall_seconds"] / result["ce_epoch"]["steady_median"],
-            "startup_seconds": pruned["wall_seconds"] - trials_span_seconds(pruned["study"])}  # fmt: skip
+    """The pruned study's cost in CE epochs as run (its start-up built the teacher-output cache when the
+    machine had none), and with warm caches: its trials' span plus the warm start-up."""
+    pruned, ce = result["pruned"], result["ce_epoch"]["steady_median"]
+    span = trials_span_seconds(pruned["study"])
+    warm = span + result["warm_startup"]["startup_seconds"]
+    return {"as_run": pruned["wall_seconds"] / ce, "startup_seconds": pruned["wall_seconds"] - span,
+            "warm_caches": warm / ce}  # fmt: skip
 
 
 def replayed(name: str, epochs: int = 10) -> dict[str, Any]:
@@ -185,6 +206,9 @@ def main() -> int:
         ce = statistics.median([*before["epoch_seconds"][1:], *after["epoch_seconds"][1:]])
         result["ce_epoch"] = {"before": before, "after": after, "steady_median": ce}
         write(result)
+    if "warm_startup" not in result:
+        result["warm_startup"] = warm_startup(args)
+        write(result)
     if "unpruned" not in result:
         result["unpruned"] = study(args, unpruned, "none")
         write(result)
@@ -200,8 +224,8 @@ def main() -> int:
     write(result)
     minutes, ce = result["pruned"]["wall_seconds"] / 60, result["ce_epoch"]["steady_median"]
     cost = result["study_cost_ce_epochs"]
-    print(f"study cost: {cost['as_run']:.0f} CE epochs ({minutes:.1f} min, CE epoch {ce:.2f} s, "
-          f"start-up {cost['startup_seconds']:.0f} s)")  # fmt: skip
+    print(f"study cost: {cost['as_run']:.0f} CE epochs as run ({minutes:.1f} min, CE epoch {ce:.2f} s, "
+          f"start-up {cost['startup_seconds']:.0f} s), {cost['warm_caches']:.0f} with warm caches")  # fmt: skip
     print(f"pruned pick − unpruned pick, test %, per seed: {', '.join(f'{d:+.2f}' for d in diffs)}")
     for label, row in result["replayed"]["pruners"].items():
         print(f"replayed on the unpruned curves, {label}: {row['epochs']} epochs, best {row['best_value']:.2f}")
