@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from tests.helpers import CLASSES, POSTGRES_URL, StubTrainer, optimize_args, postgres_available, run_cli
@@ -53,10 +54,24 @@ def _pattern(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="session")
-def pattern_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated ImageFolder of real PNG files: 30 train / 10 test images per class, learnable."""
-    root = tmp_path_factory.mktemp("patterns")
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name`` in the run's temporary root, built by the first pytest-xdist worker that asks for it and
+    read by the others (pytest-xdist's recipe for session fixtures): a teacher trains once per run, not
+    once per worker. ``build`` writes a new path it is given; it is renamed into place when complete."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this run
+    target = root / name
+    with FileLock(f"{target}.lock"):
+        if not target.exists():
+            partial = root / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(target)
+    return target
+
+
+def _write_patterns(root: Path) -> None:
     rng = np.random.default_rng(0)
     for split, per_class in (("train", 30), ("test", 10)):
         for label, name in enumerate(CLASSES):
@@ -64,7 +79,12 @@ def pattern_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             folder.mkdir(parents=True)
             for i in range(per_class):
                 Image.fromarray(_pattern(label, rng)).save(folder / f"{i:03d}.png")
-    return root
+
+
+@pytest.fixture(scope="session")
+def pattern_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated ImageFolder of real PNG files: 30 train / 10 test images per class, learnable."""
+    return built_once(tmp_path_factory, "patterns", _write_patterns)
 
 
 @pytest.fixture(scope="session")
@@ -98,10 +118,12 @@ def pattern_teacher(pattern_folder: Path, tmp_path_factory: pytest.TempPathFacto
     from kdsearch.data import load_splits
     from kdsearch.teacher import train_teacher
 
-    out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    splits = load_splits("imagefolder", pattern_folder, val_size=0)
-    train_teacher(splits, "deepnn", RecipeConfig(epochs=3), torch.device("cpu"), out)
-    return out
+    def train(folder: Path) -> None:
+        folder.mkdir()
+        splits = load_splits("imagefolder", pattern_folder, val_size=0)
+        train_teacher(splits, "deepnn", RecipeConfig(epochs=3), torch.device("cpu"), folder / "teacher.pt")
+
+    return built_once(tmp_path_factory, "pattern-teacher", train) / "teacher.pt"
 
 
 @pytest.fixture(scope="session")

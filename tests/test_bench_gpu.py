@@ -40,16 +40,12 @@ def run_args(**overrides: object) -> argparse.Namespace:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would run its checks")
-def test_without_a_gpu_says_so_in_one_line_and_exits_0_before_any_work(tmp_path: Path) -> None:
+def test_without_a_gpu_says_so_in_one_line_and_exits_0_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     work, site, results = tmp_path / "work", tmp_path / "site", tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--work-dir", str(work), "--site", str(site), "--results", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert gpu.main(["--work-dir", str(work), "--site", str(site), "--results", str(results)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
         "bench/gpu.py: no CUDA GPU here (torch.cuda.is_available() is false); nothing to run"
     ]
     assert not work.exists() and not site.exists() and not results.exists()

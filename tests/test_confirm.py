@@ -263,10 +263,11 @@ def test_confirm_refuses_bad_input_in_one_line_writing_nothing(
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.parametrize("race", [False, True], ids=["all-seeds", "racing"])
-def test_two_confirm_workers_share_one_postgres_study(
-    race: bool, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
+def test_two_confirm_workers_share_one_postgres_race(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Two `confirm` processes on one storage, racing. ``--no-race`` runs the same loop with one rung
+    (every seed at once), so sharing a race shares that too."""
     if not postgres_available():
         pytest.skip("PostgreSQL not reachable")
     name = f"confirm-{uuid.uuid4().hex[:8]}"
@@ -275,7 +276,6 @@ def test_two_confirm_workers_share_one_postgres_study(
         args = optimize_args(pattern_folder, pattern_teacher, "--trials", "2", "--study-name", name, *storage)
         assert run_cli(args, capsys)[0] == 0
         command = ["confirm", "--study-name", name, "--top", "2", "--seeds", "2", "--json", "-q", *storage]
-        command += [] if race else ["--no-race"]
         workers = [spawn(command, home) for _ in range(2)]
         summaries = []
         for worker in workers:
@@ -289,12 +289,10 @@ def test_two_confirm_workers_share_one_postgres_study(
         done = {run_of(t) for t in runs if t.state == TrialState.COMPLETE}
         left = [t for t in runs if t.state in (TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING)]
         assert not left
-        if race:  # both workers drop the same arm after one seed, and neither runs its second seed
-            dropped = summaries[0]["race"]["dropped_after_seeds"]
-            assert list(dropped.values()) == [1]
-            assert len(done) == 5 and (next(iter(dropped)), 43) not in done
-        else:
-            assert len(done) == 6
+        # Both workers drop the same arm after one seed, and neither runs its second seed.
+        dropped = summaries[0]["race"]["dropped_after_seeds"]
+        assert list(dropped.values()) == [1]
+        assert len(done) == 5 and (next(iter(dropped)), 43) not in done
     finally:
         for study in (name, f"{name}-confirm"):
             optuna.delete_study(study_name=study, storage=POSTGRES_URL)

@@ -16,7 +16,9 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from kdsearch import workers as workers_module
 from kdsearch.fsutil import atomic_write
+from kdsearch.workers import _exit_reason, _stop_workers
 from tests.helpers import (
     POSTGRES_URL,
     STALLING_MODEL,
@@ -60,10 +62,7 @@ class Net(LightNN):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signal_name", "said"), [("KILL", "SIGKILL (killed: out of memory?)"), ("SEGV", "SIGSEGV")])
 def test_a_worker_that_dies_is_never_a_silent_success(
-    signal_name: str,
-    said: str,
     pattern_folder: Path,
     pattern_teacher: Path,
     home: Path,
@@ -71,15 +70,68 @@ def test_a_worker_that_dies_is_never_a_silent_success(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    (tmp_path / "dyingmodel.py").write_text(DYING_MODEL.replace("{signal}", signal_name))
+    (tmp_path / "dyingmodel.py").write_text(DYING_MODEL.replace("{signal}", "KILL"))
     monkeypatch.chdir(tmp_path)
     extra = ("--trials", "2", "--n-jobs", "2", "--student-model", "dyingmodel:Net")
     code, out, err = run_cli(optimize_args(pattern_folder, pattern_teacher, *extra), capsys)
     assert code == 1 and out == "", (code, out, err)
     assert err.strip().splitlines()[-1] == (
-        f"kdsearch: error: worker 1 of 2 stopped with {said} before the study finished (its stderr, above, may "
-        "say why); study 'kd-imagefolder' keeps the trials recorded so far"
+        "kdsearch: error: worker 1 of 2 stopped with SIGKILL (killed: out of memory?) before the study finished "
+        "(its stderr, above, may say why); study 'kd-imagefolder' keeps the trials recorded so far"
     )
+
+
+def test_a_workers_exit_is_said_as_its_code_or_the_signal_that_ended_it() -> None:
+    """What a dead worker's message says: ``Process.exitcode`` is minus the signal's number."""
+    assert _exit_reason(1) == "exit code 1"
+    assert _exit_reason(-signal.SIGKILL) == "SIGKILL (killed: out of memory?)"
+    assert _exit_reason(-signal.SIGSEGV) == "SIGSEGV"
+    assert _exit_reason(-200) == "signal 200"
+
+
+class StandInWorker:
+    """A worker process as ``_stop_workers`` sees one, with a log of what was done to it.
+
+    ``closes``: it closes its trial and exits once it is asked to wait (it had Ctrl-C from the
+    terminal). ``obeys_sigterm``: terminate() ends it; otherwise only kill() does.
+    """
+
+    def __init__(self, *, closes: bool, obeys_sigterm: bool = True) -> None:
+        self.closes, self.obeys_sigterm = closes, obeys_sigterm
+        self.alive, self.log = True, []
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout: float | None = None) -> None:
+        self.log.append("join")
+        self.alive = self.alive and not self.closes
+
+    def terminate(self) -> None:
+        self.log.append("terminate")
+        self.closes = self.closes or self.obeys_sigterm
+
+    def kill(self) -> None:
+        self.log.append("kill")
+        self.alive = False
+
+
+def test_ctrl_c_to_the_parent_alone_reaches_the_workers_it_did_not_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (not forwarded): the workers get a moment to close their trials, those still running get
+    SIGTERM, and one that ignores SIGTERM is killed after the grace period. SIGTERM is forwarded at once."""
+    monkeypatch.setattr(workers_module, "WORKER_GRACE_SECONDS", 0.0)
+    reached, missed, stubborn = (
+        StandInWorker(closes=True),
+        StandInWorker(closes=False),
+        StandInWorker(closes=False, obeys_sigterm=False),
+    )
+    _stop_workers([reached, missed, stubborn], forward=False)
+    assert reached.log == ["join", "join"] and not reached.alive  # never signalled: it had the Ctrl-C
+    assert missed.log == ["join", "terminate", "join"] and not missed.alive
+    assert stubborn.log == ["join", "terminate", "join", "kill"] and not stubborn.alive
+    forwarded = StandInWorker(closes=False)
+    _stop_workers([forwarded], forward=True)
+    assert forwarded.log == ["terminate", "join"] and not forwarded.alive
 
 
 @pytest.mark.slow
@@ -128,26 +180,21 @@ def _signal_and_resume(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_close_the_running_trial_and_the_next_run_resumes(
-    signum: int,
-    code: int,
-    pattern_folder: Path,
-    pattern_teacher: Path,
-    home: Path,
-    capsys: pytest.CaptureFixture[str],
+def test_ctrl_c_on_sqlite_closes_the_running_trial_and_the_next_run_resumes(
+    pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home.mkdir(parents=True)
-    _signal_and_resume(
-        f"sqlite:///{home / 'kdsearch.db'}", "sig", signum, code, pattern_folder, pattern_teacher, home, capsys
-    )
+    storage = f"sqlite:///{home / 'kdsearch.db'}"
+    _signal_and_resume(storage, "sig", signal.SIGINT, 130, pattern_folder, pattern_teacher, home, capsys)
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_sigterm_on_postgres_closes_the_trial(
+def test_sigterm_on_postgres_closes_the_running_trial_and_the_next_run_resumes(
     postgres: str, pattern_folder: Path, pattern_teacher: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """With the SIGINT test above, both signals and both storages; SIGTERM on SQLite is the n-jobs test's
+    (tests/test_reliability.py), where every worker closes its trial."""
     name = f"sig-{uuid.uuid4().hex[:8]}"
     try:
         _signal_and_resume(postgres, name, signal.SIGTERM, 143, pattern_folder, pattern_teacher, home, capsys)
